@@ -1,0 +1,471 @@
+"""PayoutClient: runs the lifecycle against storage, the partner and the app.
+
+The client owns no payout rules. For every event it reads the record, asks :func:`decide`,
+writes the result with a compare-and-set (a lost race re-reads and decides again), and only then
+carries out the effects, so that across any number of processes exactly one acts on a decision.
+Background work (resuming received payouts, recovering orphaned submits, status checks, pushing
+outcomes to the app) is claimed from storage with a lease, so a restarted or second process picks
+up whatever a dead one left.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Self
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ._clock import Clock, LoopClock
+from ._errors import (
+    ClientNotRunning,
+    ConcurrencyError,
+    IdempotencyConflict,
+    StorageError,
+    UnknownPayout,
+)
+from ._lifecycle import (
+    CheckStatus,
+    ConflictDetected,
+    Decision,
+    Event,
+    Notify,
+    OperatorResolved,
+    PartnerAnswered,
+    StatusChecked,
+    SubmitNow,
+    SubmitToPartner,
+    WebhookReceived,
+    WorkDue,
+    decide,
+)
+from ._model import (
+    Accepted,
+    Cause,
+    Found,
+    NotFound,
+    NotSent,
+    OutboxEntry,
+    Payout,
+    PayoutRequest,
+    PayoutStatus,
+    RateLimited,
+    Refused,
+    Uncertain,
+)
+from ._policy import Policy
+from .notify import Notifier, deliver_with_retries, next_round_delay
+from .partner import Partner
+from .reconcile import CheckBudget, LocalCheckBudget
+from .storage import Storage
+from .webhooks import parse_webhook
+
+__all__ = ["ClientStats", "PayoutClient", "SubmitResult"]
+
+log = logging.getLogger("resilient_payout")
+
+_MAX_RACES = 20
+_CLAIM_BATCH = 200
+
+ConflictHook = Callable[[Payout, ConflictDetected], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    """What :meth:`PayoutClient.submit` returns: the payout, and whether it already existed."""
+
+    payout: Payout
+    replayed: bool
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters of one client (see docs/operations.md). Read ``to_dict()`` for a snapshot."""
+
+    submits: int = 0
+    replays: int = 0
+    idempotency_conflicts: int = 0
+    posts: int = 0
+    answers: dict[str, int] = field(default_factory=dict)
+    checks_sent: int = 0
+    checks_rate_limited: int = 0
+    check_pauses: int = 0
+    checks_skipped: int = 0
+    webhooks: int = 0
+    webhooks_unknown: int = 0
+    resolved: dict[str, int] = field(default_factory=dict)
+    confirmed_absences: int = 0
+    resubmissions: int = 0
+    recovered_orphans: int = 0
+    conflicts: int = 0
+    notifications_delivered: int = 0
+    notification_rounds_failed: int = 0
+    races_lost: int = 0
+    work_errors: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _bump(counter: dict[str, int], key: str) -> None:
+    counter[key] = counter.get(key, 0) + 1
+
+
+class PayoutClient:
+    """Take transfer requests, drive them through the partner, report one outcome each.
+
+    Use it as an async context manager: entering opens storage and starts background work,
+    leaving stops it (without touching any payout: whatever was in flight is resumed by the
+    next process on the same storage).
+
+    Args:
+        storage: where payouts live (e.g. ``storage_from_url("sqlite:///payouts.db")``).
+        partner: the payment partner (e.g. :class:`~resilient_payout.HttpPartner`).
+        webhook_url: the URL the partner should POST webhooks to (our endpoint).
+        notifier: pushes final outcomes to the app; None keeps them in the outbox only.
+        policy: every number; ``Policy().scaled(f)`` for time-scaled runs.
+        budget: the status-check budget; by default a :class:`LocalCheckBudget` from policy.
+        clock: epoch time source; by default the event loop's clock anchored to the wall clock.
+        instance_id: names this process in leases; random by default.
+        on_conflict: called (sync or async) when a report disagrees with a final status.
+        background: run background work (claims, checks, pushes); False for a process that
+            only takes requests and webhooks.
+    """
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        partner: Partner,
+        webhook_url: str,
+        notifier: Notifier | None = None,
+        policy: Policy | None = None,
+        budget: CheckBudget | None = None,
+        clock: Clock | None = None,
+        instance_id: str | None = None,
+        on_conflict: ConflictHook | None = None,
+        background: bool = True,
+    ) -> None:
+        self.storage = storage
+        self.partner = partner
+        self.webhook_url = webhook_url
+        self.notifier = notifier
+        self.policy = policy or Policy()
+        self.budget: CheckBudget = budget or LocalCheckBudget(
+            self.policy.check_rate, self.policy.check_burst
+        )
+        self.clock: Clock = clock or LoopClock()
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self.on_conflict = on_conflict
+        self.background = background
+        self.stats = ClientStats()
+        self._tg: TaskGroup | None = None
+        self._limiter = anyio.CapacityLimiter(self.policy.max_concurrent_work)
+        self._inflight: set[str] = set()
+        self._waiters: dict[str, set[anyio.Event]] = {}
+        self._due_wake = anyio.Event()
+        self._outbox_wake = anyio.Event()
+
+    # -- lifecycle of the client itself ------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.storage.open()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        if self.background:
+            self._tg.start_soon(self._due_loop)
+            if self.notifier is not None:
+                self._tg.start_soon(self._outbox_loop)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+        for events in self._waiters.values():
+            for ev in events:
+                ev.set()
+        await self.storage.close()
+
+    def _group(self) -> TaskGroup:
+        if self._tg is None:
+            raise ClientNotRunning("use `async with PayoutClient(...)` first")
+        return self._tg
+
+    # -- the app's side ------------------------------------------------------------------------
+
+    async def submit(self, request: PayoutRequest | dict[str, Any]) -> SubmitResult:
+        """Accept a transfer request; returns at once, the partner is called in the background.
+
+        The request's ``id`` is its idempotency key: a repeat with the same payload returns the
+        stored payout (``replayed=True``); the same id with another payload raises
+        :class:`~resilient_payout.IdempotencyConflict`; a malformed request raises
+        :class:`~resilient_payout.InvalidRequest`.
+        """
+        tg = self._group()
+        req = request if isinstance(request, PayoutRequest) else PayoutRequest.parse(request)
+        now = self.clock.now()
+        candidate = Payout.new(req, now, next_check_at=now + self.policy.claim_grace)
+        stored, created = await self.storage.create_if_absent(candidate)
+        if not created:
+            if stored.fingerprint != candidate.fingerprint:
+                self.stats.idempotency_conflicts += 1
+                raise IdempotencyConflict(req.id)
+            self.stats.replays += 1
+            return SubmitResult(stored, replayed=True)
+        self.stats.submits += 1
+        tg.start_soon(self._run_guarded, stored, SubmitNow(Cause.APP_REQUEST))
+        return SubmitResult(stored, replayed=False)
+
+    async def get(self, payout_id: str) -> Payout:
+        """The stored payout; raises :class:`~resilient_payout.UnknownPayout`."""
+        p = await self.storage.get(payout_id)
+        if p is None:
+            raise UnknownPayout(payout_id)
+        return p
+
+    async def wait_final(self, payout_id: str, timeout: float) -> Payout:
+        """The payout once final, or as it stands after ``timeout`` seconds.
+
+        Wakes at once when this process finalizes it; a change made by another process is seen
+        within ``policy.poll_interval``.
+        """
+        p = await self.get(payout_id)
+        if p.is_final or timeout <= 0:
+            return p
+        event = anyio.Event()
+        waiters = self._waiters.setdefault(payout_id, set())
+        waiters.add(event)
+        try:
+            with anyio.move_on_after(timeout):
+                while True:
+                    with anyio.move_on_after(self.policy.poll_interval):
+                        await event.wait()
+                    p = await self.get(payout_id)
+                    if p.is_final or self._tg is None:
+                        return p
+            return await self.get(payout_id)
+        finally:
+            waiters.discard(event)
+            if not waiters:
+                self._waiters.pop(payout_id, None)
+
+    async def resolve(self, payout_id: str, status: PayoutStatus, note: str) -> Payout:
+        """An operator settles an open payout by hand (recorded in the audit trail)."""
+        return await self._apply(await self.get(payout_id), OperatorResolved(status, note))
+
+    # -- the partner's side --------------------------------------------------------------------
+
+    async def handle_webhook(self, body: bytes | str | dict[str, Any]) -> Payout:
+        """Apply a partner webhook. Raises InvalidWebhook, or UnknownPayout for an unknown id
+        (a webhook never creates a payout)."""
+        hook = parse_webhook(body)
+        self.stats.webhooks += 1
+        p = await self.storage.get(hook.payout_id)
+        if p is None:
+            self.stats.webhooks_unknown += 1
+            raise UnknownPayout(hook.payout_id)
+        return await self._apply(p, WebhookReceived(hook.status))
+
+    # -- the machinery -----------------------------------------------------------------------
+
+    async def _apply(self, current: Payout, event: Event) -> Payout:
+        """Decide, compare-and-set, then act; a lost race re-reads and decides again."""
+        for _ in range(_MAX_RACES):
+            decision = decide(current, event, self.clock.now(), self.policy)
+            if decision.payout is current:
+                await self._act(current, decision)
+                return current
+            outbox = self._outbox_for(decision)
+            stored = await self.storage.compare_and_set(
+                decision.payout, expected_version=current.version, outbox=outbox
+            )
+            if stored is not None:
+                self._written(stored, outbox is not None)
+                await self._act(stored, decision)
+                return stored
+            self.stats.races_lost += 1
+            fresh = await self.storage.get(current.id)
+            if fresh is None:
+                raise UnknownPayout(current.id)
+            current = fresh
+        raise ConcurrencyError(f"payout {current.id!r}: too many lost races")
+
+    def _outbox_for(self, decision: Decision) -> OutboxEntry | None:
+        for effect in decision.effects:
+            if isinstance(effect, Notify):
+                now = self.clock.now()
+                return OutboxEntry(decision.payout.id, effect.status, now, next_attempt_at=now)
+        return None
+
+    def _written(self, stored: Payout, notified: bool) -> None:
+        if stored.is_final and notified and stored.resolved_by is not None:
+            _bump(self.stats.resolved, stored.resolved_by.value)
+        if stored.is_final:
+            for ev in self._waiters.get(stored.id, ()):
+                ev.set()
+        if notified:
+            self._outbox_wake.set()
+        if stored.next_check_at is not None and stored.next_check_at <= self.clock.now():
+            self._due_wake.set()
+        if stored.status is PayoutStatus.FAILED and stored.resolved_by is Cause.STATUS_CHECK:
+            self.stats.confirmed_absences += 1
+        if stored.status is PayoutStatus.UNKNOWN and stored.audit[-1].event == "submit_orphaned":
+            self.stats.recovered_orphans += 1
+
+    async def _act(self, payout: Payout, decision: Decision) -> None:
+        for effect in decision.effects:
+            match effect:
+                case SubmitToPartner(attempt=attempt):
+                    if attempt > 1:
+                        self.stats.resubmissions += 1
+                        self.stats.confirmed_absences += 1
+                    await self._submit(payout, attempt)
+                case CheckStatus(attempt=attempt):
+                    await self._check(payout, attempt)
+                case ConflictDetected():
+                    await self._conflict(payout, effect)
+                case Notify():
+                    pass  # written to the outbox with the transition; the outbox loop pushes it
+
+    async def _submit(self, payout: Payout, attempt: int) -> None:
+        self.stats.posts += 1
+        outcome = await self.partner.submit(payout.id, self.webhook_url)
+        _bump(self.stats.answers, _outcome_name(outcome))
+        await self._apply(payout, PartnerAnswered(attempt, outcome))
+
+    async def _check(self, payout: Payout, attempt: int) -> None:
+        await self.budget.acquire()
+        # The token may have taken a while: a webhook may have settled it meanwhile.
+        fresh = await self.storage.get(payout.id)
+        if fresh is None or fresh.is_final or fresh.attempt != attempt:
+            self.stats.checks_skipped += 1
+            return
+        self.stats.checks_sent += 1
+        outcome = await self.partner.check(payout.id)
+        if isinstance(outcome, RateLimited):
+            self.stats.checks_rate_limited += 1
+            self.stats.check_pauses += 1
+            pause = outcome.retry_after or self.policy.block_pause
+            log.warning("partner rate-limited a status check; pausing checks for %.1fs", pause)
+            await self.budget.pause(pause)
+        await self._apply(fresh, StatusChecked(attempt, outcome))
+
+    async def _conflict(self, payout: Payout, conflict: ConflictDetected) -> None:
+        self.stats.conflicts += 1
+        log.error("payout %s: %s (kept %s)", payout.id, conflict.detail, payout.status.value)
+        if self.on_conflict is not None:
+            result = self.on_conflict(payout, conflict)
+            if result is not None:
+                await result
+
+    async def _run_guarded(self, payout: Payout, event: Event) -> None:
+        """Background work never kills the client: a failure is logged and retried later."""
+        async with self._limiter:
+            try:
+                await self._apply(payout, event)
+            except StorageError as exc:
+                self.stats.work_errors += 1
+                log.warning("payout %s: storage error, will retry: %s", payout.id, exc)
+            except Exception:
+                self.stats.work_errors += 1
+                log.exception("payout %s: unexpected error in background work", payout.id)
+            finally:
+                self._inflight.discard(payout.id)
+
+    async def _due_loop(self) -> None:
+        tg = self._group()
+        while True:
+            now = self.clock.now()
+            try:
+                batch = await self.storage.claim_due(
+                    now,
+                    owner=self.instance_id,
+                    lease_seconds=self.policy.lease,
+                    limit=_CLAIM_BATCH,
+                )
+                nxt = await self.storage.next_due_at()
+            except StorageError as exc:
+                log.warning("claiming due work failed, retrying: %s", exc)
+                batch, nxt = [], None
+            for p in batch:
+                if p.id not in self._inflight:
+                    self._inflight.add(p.id)
+                    tg.start_soon(self._run_guarded, p, WorkDue())
+            if len(batch) == _CLAIM_BATCH:
+                await anyio.lowlevel.checkpoint()
+                continue
+            delay = self.policy.poll_interval
+            if nxt is not None and nxt > now:
+                delay = min(delay, nxt - now)
+            self._due_wake = anyio.Event()
+            with anyio.move_on_after(delay):
+                await self._due_wake.wait()
+
+    async def _outbox_loop(self) -> None:
+        tg = self._group()
+        # A round may retry a few times with backoff; the lease must outlast it.
+        p = self.policy
+        lease = p.lease + p.notify_attempts_per_round * (p.notify_timeout + p.notify_backoff_max)
+        while True:
+            try:
+                entries = await self.storage.claim_outbox(
+                    self.clock.now(),
+                    owner=self.instance_id,
+                    lease_seconds=lease,
+                    limit=_CLAIM_BATCH,
+                )
+            except StorageError as exc:
+                log.warning("claiming outbox entries failed, retrying: %s", exc)
+                entries = []
+            for entry in entries:
+                tg.start_soon(self._deliver, entry)
+            if len(entries) == _CLAIM_BATCH:
+                await anyio.lowlevel.checkpoint()
+                continue
+            self._outbox_wake = anyio.Event()
+            with anyio.move_on_after(self.policy.poll_interval):
+                await self._outbox_wake.wait()
+
+    async def _deliver(self, entry: OutboxEntry) -> None:
+        assert self.notifier is not None
+        async with self._limiter:
+            try:
+                ok = await deliver_with_retries(
+                    self.notifier, entry.payout_id, entry.status, self.policy
+                )
+                now = self.clock.now()
+                if ok:
+                    self.stats.notifications_delivered += 1
+                    await self.storage.ack_outbox(entry.payout_id, delivered_at=now)
+                else:
+                    self.stats.notification_rounds_failed += 1
+                    delay = next_round_delay(entry.attempts + 1, self.policy)
+                    await self.storage.retry_outbox(
+                        entry.payout_id, next_attempt_at=now + delay, error="push not acknowledged"
+                    )
+            except StorageError as exc:
+                log.warning("outbox %s: storage error, will retry: %s", entry.payout_id, exc)
+
+
+def _outcome_name(outcome: object) -> str:
+    match outcome:
+        case Accepted(status=status):
+            return f"accepted_{status.value}"
+        case Refused():
+            return "refused"
+        case RateLimited():
+            return "rate_limited"
+        case NotSent():
+            return "not_sent"
+        case Uncertain():
+            return "uncertain"
+        case Found():
+            return "found"
+        case NotFound():
+            return "not_found"
+    return "other"

@@ -1,0 +1,94 @@
+"""The one exception tree of resilient_payout.
+
+Everything the library raises on purpose derives from :class:`PayoutError`::
+
+    PayoutError
+    ├── InvalidRequest            the app's request is malformed (bad id, bad fields)
+    ├── IdempotencyConflict       same id / idempotency key, different payload
+    ├── UnknownPayout             no payout with that id
+    ├── WebhookError
+    │   ├── InvalidWebhook        malformed body, or a status outside the partner's vocabulary
+    │   └── WebhookRejected       failed authenticity checks: forged, stale or replayed
+    ├── NotificationFailed        the app did not acknowledge a push (retried later)
+    ├── StorageError
+    │   ├── StorageUnavailable    the backend cannot be reached right now; retry later
+    │   └── ConcurrencyError      a compare-and-set kept losing races; retry later
+    └── ClientNotRunning          PayoutClient used outside ``async with``
+
+Partner failures are *not* exceptions: the partner adapter classifies every answer into a
+typed outcome (see :mod:`resilient_payout.partner`) because each one is an ordinary event of
+the payout lifecycle.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClientNotRunning",
+    "ConcurrencyError",
+    "IdempotencyConflict",
+    "InvalidRequest",
+    "InvalidWebhook",
+    "NotificationFailed",
+    "PayoutError",
+    "StorageError",
+    "StorageUnavailable",
+    "UnknownPayout",
+    "WebhookError",
+    "WebhookRejected",
+]
+
+
+class PayoutError(Exception):
+    """Base of every exception raised by resilient_payout on purpose."""
+
+
+class InvalidRequest(PayoutError, ValueError):
+    """The app's request cannot be accepted as it is (a client error, HTTP 422)."""
+
+
+class IdempotencyConflict(PayoutError):
+    """The id is known with a different payload (a client error, HTTP 409)."""
+
+    def __init__(self, payout_id: str) -> None:
+        super().__init__(f"payout {payout_id!r} exists with a different payload")
+        self.payout_id = payout_id
+
+
+class UnknownPayout(PayoutError, LookupError):
+    """No payout has this id (HTTP 404)."""
+
+    def __init__(self, payout_id: str) -> None:
+        super().__init__(f"no payout with id {payout_id!r}")
+        self.payout_id = payout_id
+
+
+class WebhookError(PayoutError):
+    """A partner webhook was not accepted."""
+
+
+class InvalidWebhook(WebhookError, ValueError):
+    """Malformed webhook body, or a status the partner's vocabulary does not have."""
+
+
+class WebhookRejected(WebhookError):
+    """The webhook failed authenticity checks (bad signature, stale timestamp, replay)."""
+
+
+class NotificationFailed(PayoutError):
+    """The app did not acknowledge a push (non-2xx answer, network error, timeout)."""
+
+
+class StorageError(PayoutError):
+    """A storage backend failed."""
+
+
+class StorageUnavailable(StorageError):
+    """The backend cannot be reached or is locked; the operation may be retried later."""
+
+
+class ConcurrencyError(StorageError):
+    """A compare-and-set lost too many races in a row."""
+
+
+class ClientNotRunning(PayoutError, RuntimeError):
+    """The PayoutClient must be entered with ``async with`` before use."""

@@ -1,0 +1,466 @@
+"""The payout state machine: one pure function decides every transition.
+
+``decide(payout, event, now, policy) -> Decision(payout, effects)`` does no I/O and reads no clock.
+Every way news can arrive (the app, the partner's answer, a webhook, a status check, a timer, an
+operator) is an *event*; the returned *effects* (POST to the partner, spend a status check, notify
+the app, report a conflict) are carried out by the client only after storage accepted the new
+record with a compare-and-set, so exactly one process acts on each decision.
+
+States::
+
+    received ──▶ submitting ──▶ completed | declined | failed
+       ▲  │           │  └────▶ awaiting ──▶ completed | declined | failed
+       └──┘(not sent) └───────▶ unknown ──▶ awaiting | completed | declined | failed
+                                   └──(absence confirmed)──▶ submitting (attempt 2) | failed
+
+Rules (docs/concepts.md explains each):
+
+1. Final states absorb. A later report that disagrees is recorded as a conflict, never applied.
+2. The POST is repeated only if it surely never reached the partner, or after a status check
+   past the late-arrival window confirmed the partner has no record (``max_submit_attempts``).
+3. 504, timeouts, resets, 5xx, garbage and crashes while submitting lead to ``unknown``;
+   400/401/403/422 to ``failed``; 429 on submit means "not accepted, retry later".
+4. A final status may come from the answer, a webhook or a check, in any order: the first wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+from ._model import (
+    Accepted,
+    AuditEntry,
+    Cause,
+    CheckFailed,
+    CheckOutcome,
+    Found,
+    NotFound,
+    NotSent,
+    PartnerStatus,
+    Payout,
+    PayoutStatus,
+    RateLimited,
+    Refused,
+    SubmitOutcome,
+    Uncertain,
+)
+from ._policy import Policy
+
+__all__ = [
+    "CheckStatus",
+    "ConflictDetected",
+    "Decision",
+    "Effect",
+    "Event",
+    "Notify",
+    "OperatorResolved",
+    "PartnerAnswered",
+    "StatusChecked",
+    "SubmitNow",
+    "SubmitToPartner",
+    "WebhookReceived",
+    "WorkDue",
+    "decide",
+    "plan_next_check",
+    "window_end",
+]
+
+S = PayoutStatus
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitNow:
+    """The app asked for the transfer (or a process resumes a received payout)."""
+
+    cause: Cause = Cause.APP_REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class WorkDue:
+    """The payout's ``next_check_at`` has come: submit, recover or check, by status."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerAnswered:
+    """The partner POST of ``attempt`` ended with ``outcome``."""
+
+    attempt: int
+    outcome: SubmitOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookReceived:
+    status: PartnerStatus
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChecked:
+    """A status check made for ``attempt`` ended with ``outcome``."""
+
+    attempt: int
+    outcome: CheckOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorResolved:
+    """A human settled the payout (e.g. after reading the partner's back office)."""
+
+    status: PayoutStatus
+    note: str
+
+
+Event = SubmitNow | WorkDue | PartnerAnswered | WebhookReceived | StatusChecked | OperatorResolved
+
+
+# --- effects ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitToPartner:
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckStatus:
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Tell the app the final outcome; the client writes it to the outbox atomically."""
+
+    status: PayoutStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictDetected:
+    """A report disagreed with a final status; logged at ERROR and passed to a hook."""
+
+    reported: PayoutStatus
+    cause: Cause
+    detail: str
+
+
+Effect = SubmitToPartner | CheckStatus | Notify | ConflictDetected
+
+
+class Decision(NamedTuple):
+    payout: Payout
+    """The new record, or the very same object when nothing changes (nothing to write)."""
+    effects: tuple[Effect, ...] = ()
+
+
+# --- the function -------------------------------------------------------------------------
+
+
+def decide(p: Payout, event: Event, now: float, policy: Policy) -> Decision:
+    """The next state of ``p`` after ``event`` at time ``now``, and what to do about it."""
+    if p.status.is_final:
+        return _after_final(p, event, now)
+    match event:
+        case SubmitNow(cause=cause):
+            if p.status is S.RECEIVED:
+                return _post(p, now, policy, cause, "submit")
+            return Decision(p)
+        case WorkDue():
+            return _on_due(p, now, policy)
+        case PartnerAnswered(attempt=attempt, outcome=outcome):
+            if attempt != p.attempt:
+                return Decision(p)
+            return _on_answer(p, outcome, now, policy)
+        case WebhookReceived(status=status):
+            return _on_partner_status(p, status, now, policy, Cause.WEBHOOK, "webhook")
+        case StatusChecked(attempt=attempt, outcome=outcome):
+            if attempt != p.attempt:
+                return Decision(p)
+            return _on_check(p, outcome, now, policy)
+        case OperatorResolved(status=status, note=note):
+            if not status.is_final:
+                return Decision(p)
+            return _finalize(p, status, now, Cause.OPERATOR, "operator", reason=note)
+    raise TypeError(f"not an event: {event!r}")  # pragma: no cover - exhaustive match
+
+
+def window_end(p: Payout, policy: Policy) -> float | None:
+    """When the current attempt's late-arrival window closes (None before any attempt)."""
+    if p.attempt_started_at is None:
+        return None
+    return p.attempt_started_at + policy.late_arrival_window
+
+
+def plan_next_check(p: Payout, now: float, policy: Policy) -> float:
+    """When to spend the next status check on an open (``unknown``/``awaiting``) payout.
+
+    ``unknown``: nothing can land before ``earliest_landing``, so the first check waits for it;
+    then every ``check_interval`` until the window closes, then one check just after it that
+    confirms absence. ``awaiting``: first give the webhook ``webhook_grace``, then check every
+    ``check_interval``, backing off to ``max_check_interval``.
+    """
+    start = p.attempt_started_at if p.attempt_started_at is not None else now
+    end = start + policy.late_arrival_window
+    if p.status is S.UNKNOWN:
+        earliest = start + policy.earliest_landing
+        if now >= end:
+            return max(now, end + policy.absence_check_delay)
+        at = max(earliest, now + policy.check_interval)
+        return min(at, end + policy.absence_check_delay)
+    base = p.answered_at if p.answered_at is not None else now
+    first = base + policy.webhook_grace
+    if now < first:
+        return first
+    backoff = policy.check_interval * 2.0 ** min(max(0, p.checks - 3), 32)
+    at = now + min(backoff, policy.max_check_interval)
+    if now < end:
+        # The confirming check right after the window must not be skipped by a long backoff.
+        at = min(at, end + policy.absence_check_delay)
+    return at
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _move(
+    p: Payout,
+    status: PayoutStatus,
+    now: float,
+    cause: Cause,
+    event: str,
+    detail: str | None = None,
+    **changes: object,
+) -> Payout:
+    entry = AuditEntry(now, cause, event, p.status, status, detail)
+    return replace(
+        p,
+        status=status,
+        updated_at=now,
+        audit=(*p.audit, entry),
+        **changes,  # type: ignore[arg-type]
+    )
+
+
+def _touch(p: Payout, now: float, **changes: object) -> Payout:
+    """A write that changes bookkeeping (schedule, counters) but not the status: no audit line."""
+    return replace(p, updated_at=now, **changes)  # type: ignore[arg-type]
+
+
+def _post(p: Payout, now: float, policy: Policy, cause: Cause, event: str) -> Decision:
+    attempt = max(p.attempt, 1)
+    new = _move(
+        p,
+        S.SUBMITTING,
+        now,
+        cause,
+        event,
+        f"attempt {attempt}",
+        attempt=attempt,
+        posts=p.posts + 1,
+        attempt_started_at=now,
+        answered_at=None,
+        next_check_at=now + policy.submit_deadline,
+    )
+    return Decision(new, (SubmitToPartner(attempt),))
+
+
+def _finalize(
+    p: Payout,
+    status: PayoutStatus,
+    now: float,
+    cause: Cause,
+    event: str,
+    *,
+    partner_status: PartnerStatus | None = None,
+    reason: str | None = None,
+) -> Decision:
+    new = _move(
+        p,
+        status,
+        now,
+        cause,
+        event,
+        reason,
+        next_check_at=None,
+        resolved_by=cause,
+        reason=reason,
+        partner_status=partner_status or p.partner_status,
+    )
+    return Decision(new, (Notify(status),))
+
+
+def _after_final(p: Payout, event: Event, now: float) -> Decision:
+    reported: PayoutStatus | None = None
+    cause = Cause.RECOVERY
+    match event:
+        case PartnerAnswered(outcome=Accepted(status=ps)):
+            reported, cause = ps.payout_status, Cause.PARTNER_ANSWER
+        case WebhookReceived(status=ps):
+            reported, cause = ps.payout_status, Cause.WEBHOOK
+        case StatusChecked(outcome=Found(status=ps)):
+            reported, cause = ps.payout_status, Cause.STATUS_CHECK
+        case OperatorResolved(status=st):
+            reported, cause = (st if st.is_final else None), Cause.OPERATOR
+    if reported is None or reported is p.status:
+        return Decision(p)  # a repeat, or no news: nothing to write
+    detail = f"{cause.value} reported {reported.value} after final {p.status.value}"
+    entry = AuditEntry(now, cause, "conflict", p.status, p.status, detail, conflict=True)
+    new = replace(p, updated_at=now, audit=(*p.audit, entry))
+    return Decision(new, (ConflictDetected(reported, cause, detail),))
+
+
+def _on_due(p: Payout, now: float, policy: Policy) -> Decision:
+    if p.next_check_at is None or now < p.next_check_at:
+        return Decision(p)
+    if p.status is S.RECEIVED:
+        return _post(p, now, policy, Cause.RECOVERY, "submit")
+    if p.status is S.SUBMITTING:
+        # Our POST has had more than its timeouts: its process died. The POST may have landed,
+        # so this is an uncertain outcome, never a reason to POST again.
+        moved = _move(
+            p, S.UNKNOWN, now, Cause.RECOVERY, "submit_orphaned", "no answer within submit_deadline"
+        )
+        return Decision(replace(moved, next_check_at=plan_next_check(moved, now, policy)))
+    return Decision(p, (CheckStatus(p.attempt),))
+
+
+def _on_partner_status(
+    p: Payout, ps: PartnerStatus, now: float, policy: Policy, cause: Cause, event: str
+) -> Decision:
+    final = ps.payout_status
+    if final is not None:
+        return _finalize(p, final, now, cause, event, partner_status=ps)
+    if p.status is S.UNKNOWN:
+        return _to_awaiting(p, now, policy, cause, event)
+    return Decision(p)
+
+
+def _to_awaiting(p: Payout, now: float, policy: Policy, cause: Cause, event: str) -> Decision:
+    moved = _move(
+        p,
+        S.AWAITING,
+        now,
+        cause,
+        event,
+        "partner has it (pending)",
+        answered_at=now,
+        partner_status=PartnerStatus.PENDING,
+    )
+    return Decision(replace(moved, next_check_at=plan_next_check(moved, now, policy)))
+
+
+def _on_answer(p: Payout, outcome: SubmitOutcome, now: float, policy: Policy) -> Decision:
+    cause = Cause.PARTNER_ANSWER
+    if isinstance(outcome, Accepted):
+        if outcome.status is PartnerStatus.PENDING and p.status is S.SUBMITTING:
+            return _to_awaiting(p, now, policy, cause, "answer")
+        return _on_partner_status(p, outcome.status, now, policy, cause, "answer")
+    if p.status is not S.SUBMITTING:
+        # A late non-final answer to an attempt we already treat as uncertain adds nothing
+        # that the status checks will not tell more safely.
+        if isinstance(outcome, Refused) and p.status is S.UNKNOWN:
+            return _finalize(p, S.FAILED, now, cause, "refused", reason=_refusal(outcome))
+        return Decision(p)
+    match outcome:
+        case Refused():
+            return _finalize(p, S.FAILED, now, cause, "refused", reason=_refusal(outcome))
+        case NotSent(reason=reason):
+            return _not_sent(p, now, policy, reason, None)
+        case RateLimited(retry_after=retry_after):
+            return _not_sent(p, now, policy, "partner answered 429", retry_after)
+        case Uncertain(reason=reason):
+            moved = _move(p, S.UNKNOWN, now, cause, "uncertain", reason)
+            return Decision(replace(moved, next_check_at=plan_next_check(moved, now, policy)))
+    raise TypeError(f"not a submit outcome: {outcome!r}")  # pragma: no cover
+
+
+def _refusal(outcome: Refused) -> str:
+    return f"partner refused the request (HTTP {outcome.http_status}): {outcome.reason}"
+
+
+def _not_sent(
+    p: Payout, now: float, policy: Policy, reason: str, retry_after: float | None
+) -> Decision:
+    failures = p.send_failures + 1
+    if failures > policy.max_send_retries:
+        return _finalize(
+            p,
+            S.FAILED,
+            now,
+            Cause.PARTNER_ANSWER,
+            "unreachable",
+            reason=f"partner not reached after {failures} tries: {reason}",
+        )
+    backoff = min(policy.send_backoff_initial * 2 ** (failures - 1), policy.send_backoff_max)
+    delay = max(backoff, retry_after or 0.0)
+    moved = _move(
+        p,
+        S.RECEIVED,
+        now,
+        Cause.PARTNER_ANSWER,
+        "not_sent",
+        reason,
+        send_failures=failures,
+        next_check_at=now + delay,
+    )
+    return Decision(moved)
+
+
+def _on_check(p: Payout, outcome: CheckOutcome, now: float, policy: Policy) -> Decision:
+    cause = Cause.STATUS_CHECK
+    if p.status not in (S.UNKNOWN, S.AWAITING):
+        # Checks are never scheduled for received/submitting payouts; only a final status
+        # from a check that raced with a resubmission is still news worth taking.
+        if isinstance(outcome, Found) and outcome.status.payout_status is not None:
+            return _on_partner_status(p, outcome.status, now, policy, cause, "check")
+        return Decision(p)
+    counted = _touch(p, now, checks=p.checks + 1)
+    match outcome:
+        case Found(status=ps):
+            if ps.payout_status is not None:
+                return _on_partner_status(counted, ps, now, policy, cause, "check")
+            if p.status is S.UNKNOWN:
+                return _to_awaiting(counted, now, policy, cause, "check")
+            return Decision(replace(counted, next_check_at=plan_next_check(counted, now, policy)))
+        case NotFound():
+            end = window_end(p, policy)
+            if end is not None and now >= end:
+                return _absent(counted, now, policy)
+            return Decision(replace(counted, next_check_at=plan_next_check(counted, now, policy)))
+        case RateLimited(retry_after=retry_after):
+            wait = retry_after if retry_after is not None else policy.block_pause
+            return Decision(replace(counted, next_check_at=now + wait))
+        case CheckFailed():
+            return Decision(replace(counted, next_check_at=now + policy.check_interval))
+    raise TypeError(f"not a check outcome: {outcome!r}")  # pragma: no cover
+
+
+def _absent(p: Payout, now: float, policy: Policy) -> Decision:
+    """A check after the late-arrival window found no record: the attempt can no longer land."""
+    if p.status is S.UNKNOWN and p.attempt < policy.max_submit_attempts:
+        nxt = p.attempt + 1
+        new = _move(
+            p,
+            S.SUBMITTING,
+            now,
+            Cause.STATUS_CHECK,
+            "resubmit",
+            f"absence of attempt {p.attempt} confirmed; attempt {nxt}",
+            attempt=nxt,
+            posts=p.posts + 1,
+            send_failures=0,
+            checks=0,
+            attempt_started_at=now,
+            answered_at=None,
+            next_check_at=now + policy.submit_deadline,
+        )
+        return Decision(new, (SubmitToPartner(nxt),))
+    return _finalize(
+        p,
+        S.FAILED,
+        now,
+        Cause.STATUS_CHECK,
+        "absent",
+        reason=f"no record at the partner after the late-arrival window (attempt {p.attempt})",
+    )

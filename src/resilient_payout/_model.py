@@ -1,0 +1,371 @@
+"""Plain data: payout requests and records, audit entries, outbox entries, partner outcomes.
+
+Records are frozen dataclasses (cheap to copy with :func:`dataclasses.replace`, small in memory);
+the app-facing request is a pydantic model because it is where untrusted input is validated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._errors import InvalidRequest
+
+__all__ = [
+    "Accepted",
+    "AuditEntry",
+    "Cause",
+    "CheckFailed",
+    "CheckOutcome",
+    "Found",
+    "NotFound",
+    "NotSent",
+    "OutboxEntry",
+    "PartnerStatus",
+    "Payout",
+    "PayoutRequest",
+    "PayoutStatus",
+    "RateLimited",
+    "Refused",
+    "SubmitOutcome",
+    "Uncertain",
+]
+
+ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+
+
+class PayoutStatus(StrEnum):
+    """Where a payout stands. ``completed``, ``declined`` and ``failed`` are final."""
+
+    RECEIVED = "received"
+    """Stored; the partner has not been asked yet (or must be asked again: it was never reached)."""
+    SUBMITTING = "submitting"
+    """Our POST to the partner is in flight."""
+    AWAITING = "awaiting"
+    """The partner has it; its final status is not known yet."""
+    UNKNOWN = "unknown"
+    """The POST's outcome is uncertain (504, timeout, reset after sending, crash)."""
+    COMPLETED = "completed"
+    DECLINED = "declined"
+    FAILED = "failed"
+    """The transfer did not happen: refused, or confirmed absent at the partner."""
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL: Final = frozenset({PayoutStatus.COMPLETED, PayoutStatus.DECLINED, PayoutStatus.FAILED})
+
+
+class PartnerStatus(StrEnum):
+    """The partner's vocabulary for a transaction."""
+
+    PENDING = "pending"
+    COMPLETED = "completed"
+    DECLINED = "declined"
+
+    @property
+    def payout_status(self) -> PayoutStatus | None:
+        """The final payout status this partner status means, or None for ``pending``."""
+        if self is PartnerStatus.PENDING:
+            return None
+        return PayoutStatus(self.value)
+
+
+class Cause(StrEnum):
+    """Why a transition happened; recorded in the audit trail."""
+
+    APP_REQUEST = "app_request"
+    PARTNER_ANSWER = "partner_answer"
+    WEBHOOK = "webhook"
+    STATUS_CHECK = "status_check"
+    TIMEOUT = "timeout"
+    RECOVERY = "recovery"
+    OPERATOR = "operator"
+
+
+class PayoutRequest(BaseModel):
+    """What the app asks for. ``id`` is the app's id and the idempotency key.
+
+    Extra fields (an amount, a currency...) are kept and are part of the fingerprint: the same id
+    with different contents is an :class:`~resilient_payout.IdempotencyConflict`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
+
+    @classmethod
+    def parse(cls, data: Any) -> PayoutRequest:
+        """Validate untrusted data, raising :class:`InvalidRequest` with a readable message."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidRequest(_describe(exc)) from exc
+
+    def payload(self) -> dict[str, Any]:
+        """The request as plain JSON-able data (id and extra fields)."""
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """A stable digest of the whole payload (key order does not matter)."""
+        canonical = json.dumps(self.payload(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(x) for x in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One line of a payout's history: what happened, why, and what it changed."""
+
+    at: float
+    cause: Cause
+    event: str
+    from_status: PayoutStatus
+    to_status: PayoutStatus
+    detail: str | None = None
+    conflict: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "at": self.at,
+            "cause": self.cause.value,
+            "event": self.event,
+            "from": self.from_status.value,
+            "to": self.to_status.value,
+        }
+        if self.detail is not None:
+            d["detail"] = self.detail
+        if self.conflict:
+            d["conflict"] = True
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AuditEntry:
+        return cls(
+            at=float(d["at"]),
+            cause=Cause(d["cause"]),
+            event=str(d["event"]),
+            from_status=PayoutStatus(d["from"]),
+            to_status=PayoutStatus(d["to"]),
+            detail=d.get("detail"),
+            conflict=bool(d.get("conflict", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Payout:
+    """The durable record of one transfer. Only :func:`decide` makes a changed copy of it.
+
+    ``version`` is the optimistic-concurrency counter: storage writes a new copy only if the stored
+    version is the one the writer read. Times are seconds since the epoch, from the client's clock.
+    """
+
+    id: str
+    fingerprint: str
+    status: PayoutStatus
+    created_at: float
+    updated_at: float
+    request: dict[str, Any] = field(default_factory=dict)
+    version: int = 0
+    attempt: int = 0
+    """Which partner attempt this is (1 = first); a second one only after confirmed absence."""
+    posts: int = 0
+    """POSTs to the partner started, including ones that surely never reached it."""
+    send_failures: int = 0
+    """Consecutive POSTs of this attempt that surely never reached the partner (or got 429)."""
+    checks: int = 0
+    """Status checks spent on this attempt."""
+    attempt_started_at: float | None = None
+    answered_at: float | None = None
+    """When the partner acknowledged the attempt without a final status (``pending``)."""
+    next_check_at: float | None = None
+    """When background work is next due (submit, recover or check); None once final."""
+    partner_status: PartnerStatus | None = None
+    reason: str | None = None
+    resolved_by: Cause | None = None
+    audit: tuple[AuditEntry, ...] = ()
+
+    @classmethod
+    def new(cls, request: PayoutRequest, now: float, *, next_check_at: float) -> Payout:
+        return cls(
+            id=request.id,
+            fingerprint=request.fingerprint(),
+            status=PayoutStatus.RECEIVED,
+            created_at=now,
+            updated_at=now,
+            request=request.payload(),
+            next_check_at=next_check_at,
+            audit=(
+                AuditEntry(
+                    now, Cause.APP_REQUEST, "received", PayoutStatus.RECEIVED, PayoutStatus.RECEIVED
+                ),
+            ),
+        )
+
+    @property
+    def is_final(self) -> bool:
+        return self.status.is_final
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, as storage backends keep it."""
+        return {
+            "id": self.id,
+            "fingerprint": self.fingerprint,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "request": self.request,
+            "version": self.version,
+            "attempt": self.attempt,
+            "posts": self.posts,
+            "send_failures": self.send_failures,
+            "checks": self.checks,
+            "attempt_started_at": self.attempt_started_at,
+            "answered_at": self.answered_at,
+            "next_check_at": self.next_check_at,
+            "partner_status": self.partner_status.value if self.partner_status else None,
+            "reason": self.reason,
+            "resolved_by": self.resolved_by.value if self.resolved_by else None,
+            "audit": [a.to_dict() for a in self.audit],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Payout:
+        ps = d.get("partner_status")
+        rb = d.get("resolved_by")
+        return cls(
+            id=d["id"],
+            fingerprint=d["fingerprint"],
+            status=PayoutStatus(d["status"]),
+            created_at=float(d["created_at"]),
+            updated_at=float(d["updated_at"]),
+            request=dict(d.get("request") or {}),
+            version=int(d["version"]),
+            attempt=int(d.get("attempt", 0)),
+            posts=int(d.get("posts", 0)),
+            send_failures=int(d.get("send_failures", 0)),
+            checks=int(d.get("checks", 0)),
+            attempt_started_at=d.get("attempt_started_at"),
+            answered_at=d.get("answered_at"),
+            next_check_at=d.get("next_check_at"),
+            partner_status=PartnerStatus(ps) if ps else None,
+            reason=d.get("reason"),
+            resolved_by=Cause(rb) if rb else None,
+            audit=tuple(AuditEntry.from_dict(a) for a in d.get("audit", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A final outcome waiting to be pushed to the app; written with the final transition.
+
+    There is at most one entry per payout (storage inserts it only if absent), so the app can get
+    the same outcome again but never a different one.
+    """
+
+    payout_id: str
+    status: PayoutStatus
+    created_at: float
+    next_attempt_at: float
+    attempts: int = 0
+    delivered_at: float | None = None
+    last_error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "payout_id": self.payout_id,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "next_attempt_at": self.next_attempt_at,
+            "attempts": self.attempts,
+            "delivered_at": self.delivered_at,
+            "last_error": self.last_error,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OutboxEntry:
+        return cls(
+            payout_id=d["payout_id"],
+            status=PayoutStatus(d["status"]),
+            created_at=float(d["created_at"]),
+            next_attempt_at=float(d["next_attempt_at"]),
+            attempts=int(d.get("attempts", 0)),
+            delivered_at=d.get("delivered_at"),
+            last_error=d.get("last_error"),
+        )
+
+
+# --- partner outcomes: every answer (or non-answer) of the partner, classified ---------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The partner took the POST and answered with a status (final or ``pending``)."""
+
+    status: PartnerStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The partner refused the request (400/401/403/422): it will not happen."""
+
+    http_status: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimited:
+    """HTTP 429: not accepted now; ``retry_after`` seconds if the partner said so."""
+
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NotSent:
+    """The request surely never reached the partner (connection refused, DNS failure)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Uncertain:
+    """The request may have reached the partner; its outcome is unknown (504, timeout, 5xx...)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A status check found the partner's record."""
+
+    status: PartnerStatus
+
+
+@dataclass(frozen=True, slots=True)
+class NotFound:
+    """A status check found no record (HTTP 404)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckFailed:
+    """A status check told us nothing (5xx, garbage, timeout)."""
+
+    reason: str
+
+
+SubmitOutcome = Accepted | Refused | RateLimited | NotSent | Uncertain
+CheckOutcome = Found | NotFound | RateLimited | CheckFailed

@@ -1,0 +1,117 @@
+"""Every number the library uses, in one typed, time-scalable object.
+
+Defaults follow the partner's published behaviour (``shared/scenario.md``); nothing else in the
+library hard-codes a duration. ``Policy().scaled(0.01)`` makes every duration 100x shorter (and
+every rate 100x higher), which is how tests and demos run the real logic against a time-scaled
+mock partner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Policy"]
+
+
+def _seconds(default: float, doc: str) -> Any:
+    return field(default=default, metadata={"unit": "seconds", "doc": doc})
+
+
+def _rate(default: float, doc: str) -> Any:
+    return field(default=default, metadata={"unit": "per_second", "doc": doc})
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Timeouts, windows, caps and the status-check budget. Immutable; see :meth:`scaled`."""
+
+    # -- the partner POST --------------------------------------------------------------------
+    connect_timeout: float = _seconds(5.0, "TCP/TLS connect timeout for partner calls")
+    read_timeout: float = _seconds(
+        40.0, "Read timeout of the POST; above the partner's ~30 s 504 so that we see the 504"
+    )
+    check_timeout: float = _seconds(10.0, "Read timeout of one status check")
+    submit_deadline: float = _seconds(
+        60.0,
+        "A payout still 'submitting' this long after its POST started is presumed orphaned by a "
+        "crash and becomes 'unknown'. Must exceed connect_timeout + read_timeout.",
+    )
+    claim_grace: float = _seconds(
+        10.0,
+        "A new payout belongs to the process that created it for this long before others "
+        "may pick it up (it is submitted at once by its creator; this only covers a crash).",
+    )
+    max_send_retries: int = 5
+    """POSTs that surely never reached the partner (or got 429) before giving up as failed."""
+    send_backoff_initial: float = _seconds(1.0, "First backoff after a POST that was not sent")
+    send_backoff_max: float = _seconds(30.0, "Cap of that backoff")
+
+    # -- uncertain outcomes and the late-arrival window --------------------------------------
+    earliest_landing: float = _seconds(
+        30.0, "After an uncertain POST, no transfer can land before this (partner: 30 s)"
+    )
+    late_arrival_window: float = _seconds(
+        150.0,
+        "After the attempt started, a transfer that has not landed by then never will (partner: "
+        "120 s, plus slack). A status check after it that finds no record confirms absence.",
+    )
+    absence_check_delay: float = _seconds(
+        2.0, "How long after the window closes the confirming status check is made"
+    )
+    max_submit_attempts: int = 2
+    """Partner attempts per payout; a second one only after confirmed absence of the first."""
+
+    # -- awaiting a final status ---------------------------------------------------------------
+    webhook_grace: float = _seconds(
+        35.0, "After the partner acknowledged a POST as pending, wait this long for the webhook"
+    )
+    check_interval: float = _seconds(15.0, "Spacing of status checks while a payout is open")
+    max_check_interval: float = _seconds(300.0, "Cap of that spacing once it backs off")
+
+    # -- the status-check budget ---------------------------------------------------------------
+    check_rate: float = _rate(2.0, "Status checks per second, process-wide (or cluster-wide)")
+    check_burst: int = 2
+    """Checks that may go out back to back."""
+    block_pause: float = _seconds(
+        60.0, "Pause of all checks after the partner says 'too many' (429) without Retry-After"
+    )
+
+    # -- background work -------------------------------------------------------------------------
+    lease: float = _seconds(30.0, "How long a claimed piece of work belongs to its claimer")
+    poll_interval: float = _seconds(1.0, "How often storage is scanned for due work")
+    max_concurrent_work: int = 10_000
+    """Background tasks (submits, checks) in flight at once in one process."""
+
+    # -- notifications -----------------------------------------------------------------------
+    notify_timeout: float = _seconds(10.0, "Timeout of one push to the app's backend")
+    notify_backoff_initial: float = _seconds(0.5, "First retry delay of a failed push")
+    notify_backoff_max: float = _seconds(60.0, "Cap of the push retry delay")
+    notify_attempts_per_round: int = 4
+    """Pushes tried in one round before the entry is put back in the outbox for later."""
+
+    def scaled(self, factor: float) -> Policy:
+        """Every duration multiplied by ``factor``, every rate divided by it."""
+        if factor <= 0:
+            raise ValueError("factor must be > 0")
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            unit = f.metadata.get("unit")
+            if unit == "seconds":
+                changes[f.name] = getattr(self, f.name) * factor
+            elif unit == "per_second":
+                changes[f.name] = getattr(self, f.name) / factor
+        return dataclasses.replace(self, **changes)
+
+    def replace(self, **changes: Any) -> Policy:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        if self.submit_deadline <= self.connect_timeout + self.read_timeout:
+            raise ValueError("submit_deadline must exceed connect_timeout + read_timeout")
+        if self.late_arrival_window <= self.earliest_landing:
+            raise ValueError("late_arrival_window must exceed earliest_landing")
+        if self.max_submit_attempts < 1 or self.check_burst < 1 or self.check_rate <= 0:
+            raise ValueError("max_submit_attempts, check_burst and check_rate must be positive")

@@ -1,0 +1,91 @@
+"""The storage contract every backend implements (see docs/storage.md).
+
+Storage decides every race: creation is create-if-absent, every change is a compare-and-set on
+the version the writer read, and background work is claimed with a lease. Nothing here may be
+emulated with a Python lock around separate reads and writes, because several processes share
+one database. Storage never reads a clock: callers pass ``now``.
+
+Versions belong to storage: a created payout has version 1, and each successful compare-and-set
+stores version ``expected_version + 1`` and returns the record as stored.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from .._model import OutboxEntry, Payout, PayoutStatus
+
+__all__ = ["Storage"]
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Async, atomic persistence of payouts and their notification outbox."""
+
+    async def open(self) -> None:
+        """Connect and create the schema if needed. Idempotent."""
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    async def create_if_absent(self, payout: Payout) -> tuple[Payout, bool]:
+        """Store ``payout`` unless its id exists. Returns (the stored record, created?).
+
+        Atomic: of any number of concurrent calls with one id, exactly one returns created=True.
+        """
+        ...
+
+    async def get(self, payout_id: str) -> Payout | None:
+        """The stored record, or None."""
+        ...
+
+    async def compare_and_set(
+        self, payout: Payout, *, expected_version: int, outbox: OutboxEntry | None = None
+    ) -> Payout | None:
+        """Replace the record if its stored version is still ``expected_version``.
+
+        On success stores ``payout`` with version ``expected_version + 1``, releases any lease on
+        it, inserts ``outbox`` (if given and no entry for this payout exists yet) in the same
+        atomic step, and returns the stored record. Returns None if the version moved on (a lost
+        race: re-read and decide again) or the payout does not exist.
+        """
+        ...
+
+    async def claim_due(
+        self, now: float, *, owner: str, lease_seconds: float, limit: int
+    ) -> list[Payout]:
+        """Claim up to ``limit`` non-final payouts with ``next_check_at <= now``.
+
+        Skips payouts leased to someone else until their lease expires. A claim is a write: it
+        bumps the version (so a stale former owner's compare-and-set fails) and sets the lease to
+        ``owner`` until ``now + lease_seconds``. Earliest ``next_check_at`` first.
+        """
+        ...
+
+    async def next_due_at(self) -> float | None:
+        """The earliest ``next_check_at`` of any non-final payout (leased or not), or None."""
+        ...
+
+    async def claim_outbox(
+        self, now: float, *, owner: str, lease_seconds: float, limit: int
+    ) -> list[OutboxEntry]:
+        """Claim up to ``limit`` undelivered entries with ``next_attempt_at <= now``, leased as
+        in :meth:`claim_due` (a claimed entry's ``next_attempt_at`` moves to the lease's end, so
+        a dead claimer's entry comes back by itself)."""
+        ...
+
+    async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
+        """Mark the entry delivered. Idempotent."""
+        ...
+
+    async def retry_outbox(self, payout_id: str, *, next_attempt_at: float, error: str) -> None:
+        """Count a failed delivery round and schedule the next one; releases the lease."""
+        ...
+
+    async def get_outbox(self, payout_id: str) -> OutboxEntry | None:
+        """The entry for a payout, delivered or not (for inspection and tests)."""
+        ...
+
+    async def count_by_status(self) -> dict[PayoutStatus, int]:
+        """How many payouts are in each status (for metrics)."""
+        ...

@@ -1,0 +1,605 @@
+"""The storage contract as a pytest suite: run it against your own backend.
+
+Every backend shipped with resilient-payout passes it, and so must yours. Subclass
+:class:`StorageContract` in a test module (its name starts with ``Test`` so pytest collects it)
+and give it a ``storage`` fixture that yields a fresh, opened, *empty* backend for each test::
+
+    # tests/test_my_storage.py
+    from collections.abc import AsyncIterator
+
+    import pytest
+
+    from resilient_payout.testing.contract import StorageContract
+    from my_package import MyStorage
+
+
+    class TestMyStorage(StorageContract):
+        @pytest.fixture
+        async def storage(self) -> AsyncIterator[MyStorage]:
+            backend = MyStorage("...")
+            await backend.open()
+            yield backend
+            await backend.close()
+
+The tests are ``anyio`` tests: the ``anyio`` pytest plugin (installed with anyio) runs them, on
+asyncio unless you override the ``anyio_backend`` fixture. For pytest's detailed assertion
+messages, call ``pytest.register_assert_rewrite("resilient_payout.testing.contract")`` in your
+``conftest.py`` before importing this module.
+
+Times are explicit ``now`` values (storage never reads a clock), so the suite never sleeps.
+Concurrent tests start many calls at once on one storage object; a backend that is atomic only
+per process should also be tested with several objects on one database, as the SQLite tests of
+resilient-payout do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
+import pytest
+
+from .._model import AuditEntry, Cause, OutboxEntry, PartnerStatus, Payout, PayoutStatus
+from ..storage import Storage
+
+__all__ = ["T0", "StorageContract", "make_outbox", "make_payout"]
+
+T = TypeVar("T")
+
+T0 = 1_700_000_000.0
+"""The suite's "now": a realistic epoch time, so backends storing floats get realistic values."""
+
+LEASE = 30.0
+
+
+def make_payout(
+    payout_id: str = "p-1",
+    *,
+    status: PayoutStatus = PayoutStatus.RECEIVED,
+    next_check_at: float | None = T0,
+    **changes: Any,
+) -> Payout:
+    """A plausible payout record, not yet stored."""
+    base = Payout(
+        id=payout_id,
+        fingerprint=f"fp-{payout_id}",
+        status=status,
+        created_at=T0 - 10.0,
+        updated_at=T0 - 10.0,
+        request={"id": payout_id},
+        next_check_at=next_check_at,
+        audit=(
+            AuditEntry(
+                T0 - 10.0,
+                Cause.APP_REQUEST,
+                "received",
+                PayoutStatus.RECEIVED,
+                PayoutStatus.RECEIVED,
+            ),
+        ),
+    )
+    return replace(base, **changes)
+
+
+def make_outbox(
+    payout_id: str = "p-1",
+    *,
+    status: PayoutStatus = PayoutStatus.COMPLETED,
+    at: float = T0,
+) -> OutboxEntry:
+    """A fresh outbox entry, due at ``at``."""
+    return OutboxEntry(payout_id=payout_id, status=status, created_at=at, next_attempt_at=at)
+
+
+def _final(payout: Payout, status: PayoutStatus = PayoutStatus.COMPLETED) -> Payout:
+    return replace(payout, status=status, next_check_at=None, updated_at=T0)
+
+
+async def _gather(calls: list[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run the calls concurrently; their results in call order."""
+    results: list[Any] = [None] * len(calls)
+
+    async def run(i: int) -> None:
+        results[i] = await calls[i]()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(calls)):
+            tg.start_soon(run, i)
+    return results
+
+
+class StorageContract:
+    """Tests of every :class:`~resilient_payout.storage.Storage` operation.
+
+    Needs a ``storage`` fixture: an opened, empty backend, new for each test.
+    """
+
+    pytestmark = pytest.mark.anyio
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    async def create(storage: Storage, payout_id: str = "p-1", **kwargs: Any) -> Payout:
+        stored, created = await storage.create_if_absent(make_payout(payout_id, **kwargs))
+        assert created
+        return stored
+
+    @staticmethod
+    async def update(
+        storage: Storage, current: Payout, outbox: OutboxEntry | None = None, **changes: Any
+    ) -> Payout:
+        """A compare-and-set that must succeed."""
+        stored = await storage.compare_and_set(
+            replace(current, **changes), expected_version=current.version, outbox=outbox
+        )
+        assert stored is not None
+        return stored
+
+    @staticmethod
+    async def claim(
+        storage: Storage, now: float = T0, owner: str = "a", limit: int = 100
+    ) -> list[Payout]:
+        return await storage.claim_due(now, owner=owner, lease_seconds=LEASE, limit=limit)
+
+    @staticmethod
+    async def claim_outbox(
+        storage: Storage, now: float = T0, owner: str = "a", limit: int = 100
+    ) -> list[OutboxEntry]:
+        return await storage.claim_outbox(now, owner=owner, lease_seconds=LEASE, limit=limit)
+
+    # -- open / close -------------------------------------------------------------------------
+
+    async def test_implements_the_protocol(self, storage: Storage) -> None:
+        assert isinstance(storage, Storage)
+
+    async def test_open_is_idempotent(self, storage: Storage) -> None:
+        await storage.open()
+        await storage.open()
+        stored = await self.create(storage)
+        assert await storage.get("p-1") == stored
+
+    async def test_close_is_idempotent_and_open_again_keeps_data(self, storage: Storage) -> None:
+        stored = await self.create(storage)
+        await storage.close()
+        await storage.close()
+        await storage.open()
+        assert await storage.get("p-1") == stored
+
+    # -- create_if_absent / get ---------------------------------------------------------------
+
+    async def test_get_unknown_is_none(self, storage: Storage) -> None:
+        assert await storage.get("nope") is None
+
+    async def test_create_stores_version_1_and_returns_the_stored_record(
+        self, storage: Storage
+    ) -> None:
+        payout = make_payout("p-1", version=7)
+        stored, created = await storage.create_if_absent(payout)
+        assert created is True
+        assert stored == replace(payout, version=1)
+        assert await storage.get("p-1") == stored
+
+    async def test_create_existing_returns_it_and_never_overwrites(self, storage: Storage) -> None:
+        first = await self.create(storage)
+        other = make_payout("p-1", fingerprint="other", status=PayoutStatus.AWAITING)
+        existing, created = await storage.create_if_absent(other)
+        assert created is False
+        assert existing == first
+        assert await storage.get("p-1") == first
+
+    async def test_create_existing_returns_its_current_version(self, storage: Storage) -> None:
+        first = await self.create(storage)
+        second = await self.update(storage, first, status=PayoutStatus.SUBMITTING)
+        existing, created = await storage.create_if_absent(make_payout("p-1"))
+        assert created is False
+        assert existing == second
+        assert existing.version == 2
+
+    async def test_concurrent_creates_of_one_id_exactly_one_wins(self, storage: Storage) -> None:
+        results = await _gather(
+            [
+                partial(storage.create_if_absent, make_payout("p-1", fingerprint=f"fp-{i}"))
+                for i in range(50)
+            ]
+        )
+        winners = [stored for stored, created in results if created]
+        assert len(winners) == 1
+        assert all(stored == winners[0] for stored, _ in results)
+        assert await storage.get("p-1") == winners[0]
+        assert winners[0].version == 1
+
+    async def test_round_trip_keeps_every_field(self, storage: Storage) -> None:
+        payout = make_payout(
+            "p-full",
+            status=PayoutStatus.AWAITING,
+            next_check_at=T0 + 0.125,
+            request={"id": "p-full", "amount": "12.50", "meta": {"tags": ["a", "b"], "n": 3}},
+            attempt=2,
+            posts=3,
+            send_failures=1,
+            checks=4,
+            attempt_started_at=T0 - 5.5,
+            answered_at=T0 - 4.25,
+            partner_status=PartnerStatus.PENDING,
+            reason="partner said pending",
+            resolved_by=Cause.STATUS_CHECK,
+            audit=(
+                AuditEntry(
+                    T0 - 9,
+                    Cause.APP_REQUEST,
+                    "received",
+                    PayoutStatus.RECEIVED,
+                    PayoutStatus.RECEIVED,
+                ),
+                AuditEntry(
+                    T0 - 5,
+                    Cause.WEBHOOK,
+                    "late",
+                    PayoutStatus.UNKNOWN,
+                    PayoutStatus.AWAITING,
+                    detail='x\u00e9\n"q"',
+                    conflict=True,
+                ),
+            ),
+        )
+        stored, _ = await storage.create_if_absent(payout)
+        assert stored == replace(payout, version=1)
+        assert await storage.get("p-full") == stored
+
+    async def test_stored_record_is_isolated_from_callers(self, storage: Storage) -> None:
+        payout = make_payout("p-1", request={"id": "p-1", "meta": {"k": [1]}})
+        stored, _ = await storage.create_if_absent(payout)
+        payout.request["meta"]["k"].append(2)
+        stored.request["id"] = "changed"
+        fetched = await storage.get("p-1")
+        assert fetched is not None
+        assert fetched.request == {"id": "p-1", "meta": {"k": [1]}}
+        fetched.request.clear()
+        again = await storage.get("p-1")
+        assert again is not None
+        assert again.request == {"id": "p-1", "meta": {"k": [1]}}
+
+    # -- compare_and_set ----------------------------------------------------------------------
+
+    async def test_cas_stores_expected_plus_one_and_returns_the_stored_record(
+        self, storage: Storage
+    ) -> None:
+        v1 = await self.create(storage)
+        wanted = replace(v1, status=PayoutStatus.SUBMITTING, posts=1, version=99)
+        v2 = await storage.compare_and_set(wanted, expected_version=1)
+        assert v2 == replace(wanted, version=2)
+        assert await storage.get("p-1") == v2
+        assert v2 is not None
+        v3 = await self.update(storage, v2, status=PayoutStatus.AWAITING)
+        assert v3.version == 3
+        assert await storage.get("p-1") == v3
+
+    async def test_cas_with_a_stale_version_changes_nothing(self, storage: Storage) -> None:
+        v1 = await self.create(storage)
+        v2 = await self.update(storage, v1, status=PayoutStatus.SUBMITTING)
+        lost = await storage.compare_and_set(
+            _final(v1), expected_version=1, outbox=make_outbox("p-1")
+        )
+        assert lost is None
+        assert await storage.get("p-1") == v2
+        assert await storage.get_outbox("p-1") is None
+
+    async def test_cas_with_a_future_version_fails(self, storage: Storage) -> None:
+        v1 = await self.create(storage)
+        assert await storage.compare_and_set(v1, expected_version=2) is None
+        assert await storage.get("p-1") == v1
+
+    async def test_cas_of_an_unknown_id_returns_none_and_creates_nothing(
+        self, storage: Storage
+    ) -> None:
+        ghost = make_payout("ghost")
+        assert await storage.compare_and_set(ghost, expected_version=0) is None
+        assert await storage.compare_and_set(ghost, expected_version=1, outbox=None) is None
+        out = await storage.compare_and_set(
+            _final(ghost), expected_version=1, outbox=make_outbox("ghost")
+        )
+        assert out is None
+        assert await storage.get("ghost") is None
+        assert await storage.get_outbox("ghost") is None
+
+    async def test_concurrent_cas_from_one_version_exactly_one_wins(self, storage: Storage) -> None:
+        v1 = await self.create(storage)
+        results = await _gather(
+            [
+                partial(storage.compare_and_set, replace(v1, reason=f"w-{i}"), expected_version=1)
+                for i in range(50)
+            ]
+        )
+        winners = [r for r in results if r is not None]
+        assert len(winners) == 1
+        assert winners[0].version == 2
+        assert await storage.get("p-1") == winners[0]
+
+    async def test_cas_inserts_the_outbox_entry(self, storage: Storage) -> None:
+        v1 = await self.create(storage)
+        entry = make_outbox("p-1", status=PayoutStatus.DECLINED)
+        assert await storage.get_outbox("p-1") is None
+        await self.update(storage, v1, entry, status=PayoutStatus.DECLINED, next_check_at=None)
+        assert await storage.get_outbox("p-1") == entry
+
+    async def test_outbox_entry_is_inserted_only_once(self, storage: Storage) -> None:
+        v1 = await self.create(storage)
+        first = make_outbox("p-1", status=PayoutStatus.COMPLETED, at=T0)
+        v2 = await self.update(storage, v1, first, status=PayoutStatus.COMPLETED)
+        second = make_outbox("p-1", status=PayoutStatus.DECLINED, at=T0 + 5)
+        v3 = await self.update(storage, v2, second, reason="conflicting report")
+        assert v3.version == 3
+        assert await storage.get_outbox("p-1") == first
+
+    async def test_concurrent_final_writes_leave_the_winners_outbox(self, storage: Storage) -> None:
+        v1 = await self.create(storage)
+        statuses = [PayoutStatus.COMPLETED, PayoutStatus.DECLINED, PayoutStatus.FAILED] * 10
+        results = await _gather(
+            [
+                partial(
+                    storage.compare_and_set,
+                    _final(v1, s),
+                    expected_version=1,
+                    outbox=make_outbox("p-1", status=s),
+                )
+                for s in statuses
+            ]
+        )
+        winners = [r for r in results if r is not None]
+        assert len(winners) == 1
+        entry = await storage.get_outbox("p-1")
+        assert entry is not None
+        assert entry.status == winners[0].status
+
+    # -- claim_due ----------------------------------------------------------------------------
+
+    async def test_claim_due_takes_due_non_final_payouts_earliest_first(
+        self, storage: Storage
+    ) -> None:
+        await self.create(storage, "late", next_check_at=T0 - 1)
+        await self.create(storage, "early", next_check_at=T0 - 30)
+        await self.create(storage, "exactly-now", next_check_at=T0)
+        await self.create(storage, "future", next_check_at=T0 + 0.001)
+        await self.create(storage, "unscheduled", next_check_at=None)
+        await self.create(storage, "final", status=PayoutStatus.DECLINED, next_check_at=None)
+        # A final record that still carries a due time must not be claimed either.
+        await self.create(storage, "final-due", status=PayoutStatus.FAILED, next_check_at=T0 - 50)
+        claimed = await self.claim(storage)
+        assert [p.id for p in claimed] == ["early", "late", "exactly-now"]
+
+    async def test_claim_due_respects_limit(self, storage: Storage) -> None:
+        for i in range(5):
+            await self.create(storage, f"p-{i}", next_check_at=T0 - 10 + i)
+        first = await self.claim(storage, limit=2)
+        assert [p.id for p in first] == ["p-0", "p-1"]
+        second = await self.claim(storage, owner="b", limit=2)
+        assert [p.id for p in second] == ["p-2", "p-3"]
+        assert await self.claim(storage, limit=0) == []
+
+    async def test_claim_is_a_version_bump(self, storage: Storage) -> None:
+        v1 = await self.create(storage)
+        (claimed,) = await self.claim(storage)
+        assert claimed == replace(v1, version=2)
+        assert await storage.get("p-1") == claimed
+        assert await storage.compare_and_set(_final(v1), expected_version=1) is None
+        assert await storage.compare_and_set(_final(claimed), expected_version=2) is not None
+
+    async def test_lease_hides_a_claimed_payout_until_it_expires(self, storage: Storage) -> None:
+        await self.create(storage)
+        assert len(await self.claim(storage, T0, owner="a")) == 1
+        assert await self.claim(storage, T0, owner="b") == []
+        assert await self.claim(storage, T0 + LEASE - 1, owner="b") == []
+        # The holder itself does not get it twice: that would bump the version under its feet.
+        assert await self.claim(storage, T0 + LEASE - 1, owner="a") == []
+        (taken,) = await self.claim(storage, T0 + LEASE + 1, owner="b")
+        assert taken.id == "p-1"
+
+    async def test_after_expiry_the_new_owner_wins_and_the_stale_owner_loses(
+        self, storage: Storage
+    ) -> None:
+        await self.create(storage)
+        (stale,) = await self.claim(storage, T0, owner="a")
+        (fresh,) = await self.claim(storage, T0 + LEASE + 1, owner="b")
+        assert fresh.version == stale.version + 1
+        lost = await storage.compare_and_set(
+            _final(stale), expected_version=stale.version, outbox=make_outbox("p-1")
+        )
+        assert lost is None
+        assert await storage.get_outbox("p-1") is None
+        won = await storage.compare_and_set(
+            replace(fresh, next_check_at=T0 + 100), expected_version=fresh.version
+        )
+        assert won is not None
+        assert won.version == fresh.version + 1
+
+    async def test_cas_releases_the_lease(self, storage: Storage) -> None:
+        await self.create(storage)
+        (claimed,) = await self.claim(storage, T0, owner="a")
+        await self.update(storage, claimed, checks=1)  # still due at T0
+        (again,) = await self.claim(storage, T0, owner="b")
+        assert again.checks == 1
+        assert again.version == claimed.version + 2
+
+    async def test_a_non_owner_cas_wins_over_the_lease_holder(self, storage: Storage) -> None:
+        await self.create(storage)
+        (claimed,) = await self.claim(storage, T0, owner="a")
+        # Say a webhook settles the payout while "a" is still checking its status.
+        current = await storage.get("p-1")
+        assert current is not None
+        await self.update(storage, current, status=PayoutStatus.COMPLETED, next_check_at=None)
+        assert await storage.compare_and_set(claimed, expected_version=claimed.version) is None
+        assert await self.claim(storage, T0 + LEASE + 1, owner="a") == []
+
+    async def test_rescheduled_payout_is_due_at_its_new_time_only(self, storage: Storage) -> None:
+        await self.create(storage)
+        (claimed,) = await self.claim(storage, T0)
+        await self.update(storage, claimed, next_check_at=T0 + 5)
+        assert await self.claim(storage, T0 + 4, owner="b") == []
+        (again,) = await self.claim(storage, T0 + 5, owner="b")
+        assert again.next_check_at == T0 + 5
+
+    async def test_concurrent_claims_are_disjoint(self, storage: Storage) -> None:
+        ids = {f"p-{i:02}" for i in range(30)}
+        for i, pid in enumerate(sorted(ids)):
+            await self.create(storage, pid, next_check_at=T0 - i)
+        batches = await _gather(
+            [partial(self.claim, storage, T0, owner=owner, limit=7) for owner in "abcdefgh"]
+        )
+        claimed = [p.id for batch in batches for p in batch]
+        assert len(claimed) == len(set(claimed))
+        assert set(claimed) == ids
+        for pid in ids:
+            fetched = await storage.get(pid)
+            assert fetched is not None
+            assert fetched.version == 2
+
+    # -- next_due_at --------------------------------------------------------------------------
+
+    async def test_next_due_at_of_an_empty_store_is_none(self, storage: Storage) -> None:
+        assert await storage.next_due_at() is None
+
+    async def test_next_due_at_is_the_earliest_non_final_due_time(self, storage: Storage) -> None:
+        await self.create(storage, "final", status=PayoutStatus.FAILED, next_check_at=T0 - 100)
+        await self.create(storage, "unscheduled", next_check_at=None)
+        assert await storage.next_due_at() is None
+        await self.create(storage, "later", next_check_at=T0 + 20)
+        first = await self.create(storage, "first", next_check_at=T0 + 10)
+        assert await storage.next_due_at() == T0 + 10
+        # Leased payouts count: their claimer may die.
+        (claimed,) = await self.claim(storage, T0 + 10)
+        assert await storage.next_due_at() == T0 + 10
+        await self.update(storage, claimed, status=PayoutStatus.COMPLETED, next_check_at=None)
+        assert await storage.next_due_at() == T0 + 20
+        assert first.id == claimed.id
+
+    # -- outbox -------------------------------------------------------------------------------
+
+    async def _with_outbox(self, storage: Storage, payout_id: str, at: float = T0) -> OutboxEntry:
+        current = await self.create(storage, payout_id)
+        entry = make_outbox(payout_id, at=at)
+        await self.update(storage, current, entry, status=entry.status, next_check_at=None)
+        return entry
+
+    async def test_get_outbox_of_an_unknown_payout_is_none(self, storage: Storage) -> None:
+        await self.create(storage)
+        assert await storage.get_outbox("p-1") is None
+        assert await storage.get_outbox("nope") is None
+
+    async def test_claim_outbox_takes_due_entries_and_leases_them(self, storage: Storage) -> None:
+        a = await self._with_outbox(storage, "a", at=T0 - 5)
+        await self._with_outbox(storage, "b", at=T0)
+        await self._with_outbox(storage, "c", at=T0 + 1)
+        claimed = await self.claim_outbox(storage, T0)
+        assert sorted(e.payout_id for e in claimed) == ["a", "b"]
+        expected_a = replace(a, next_attempt_at=T0 + LEASE)
+        assert next(e for e in claimed if e.payout_id == "a") == expected_a
+        assert await storage.get_outbox("a") == expected_a
+        assert await self.claim_outbox(storage, T0 + 1, owner="b") == [
+            replace(make_outbox("c", at=T0 + 1), next_attempt_at=T0 + 1 + LEASE)
+        ]
+
+    async def test_claim_outbox_takes_the_earliest_up_to_limit(self, storage: Storage) -> None:
+        for i, pid in enumerate(["e", "d", "c", "b", "a"]):
+            await self._with_outbox(storage, pid, at=T0 - 10 + i)
+        first = await self.claim_outbox(storage, limit=2)
+        assert sorted(e.payout_id for e in first) == ["d", "e"]
+        assert await self.claim_outbox(storage, limit=0) == []
+
+    async def test_unacked_outbox_entry_comes_back_after_its_lease(self, storage: Storage) -> None:
+        await self._with_outbox(storage, "p-1")
+        assert len(await self.claim_outbox(storage, T0, owner="a")) == 1
+        assert await self.claim_outbox(storage, T0 + LEASE - 1, owner="b") == []
+        assert await self.claim_outbox(storage, T0 + LEASE - 1, owner="a") == []
+        (again,) = await self.claim_outbox(storage, T0 + LEASE + 1, owner="b")
+        assert again.payout_id == "p-1"
+        assert again.attempts == 0  # only retry_outbox counts attempts
+
+    async def test_acked_entry_never_comes_back(self, storage: Storage) -> None:
+        entry = await self._with_outbox(storage, "p-1")
+        await self.claim_outbox(storage, T0)
+        await storage.ack_outbox("p-1", delivered_at=T0 + 1)
+        assert await self.claim_outbox(storage, T0 + 10 * LEASE, owner="b") == []
+        stored = await storage.get_outbox("p-1")
+        assert stored is not None
+        assert stored.delivered_at == T0 + 1
+        assert (stored.payout_id, stored.status, stored.created_at) == (
+            entry.payout_id,
+            entry.status,
+            entry.created_at,
+        )
+
+    async def test_ack_is_idempotent(self, storage: Storage) -> None:
+        await self._with_outbox(storage, "p-1")
+        await storage.ack_outbox("p-1", delivered_at=T0 + 1)
+        first = await storage.get_outbox("p-1")
+        await storage.ack_outbox("p-1", delivered_at=T0 + 2)
+        assert await storage.get_outbox("p-1") == first
+        await storage.ack_outbox("nope", delivered_at=T0)
+        assert await storage.get_outbox("nope") is None
+
+    async def test_retry_counts_attempts_and_schedules(self, storage: Storage) -> None:
+        entry = await self._with_outbox(storage, "p-1")
+        await self.claim_outbox(storage, T0)
+        await storage.retry_outbox("p-1", next_attempt_at=T0 + 3, error="HTTP 503")
+        assert await storage.get_outbox("p-1") == replace(
+            entry, attempts=1, next_attempt_at=T0 + 3, last_error="HTTP 503"
+        )
+        # The retry released the lease: due again at T0 + 3, long before the lease's end.
+        assert await self.claim_outbox(storage, T0 + 2, owner="b") == []
+        (again,) = await self.claim_outbox(storage, T0 + 3, owner="b")
+        assert again.attempts == 1
+        await storage.retry_outbox("p-1", next_attempt_at=T0 + 9, error="timeout")
+        stored = await storage.get_outbox("p-1")
+        assert stored is not None
+        assert (stored.attempts, stored.next_attempt_at, stored.last_error) == (
+            2,
+            T0 + 9,
+            "timeout",
+        )
+
+    async def test_retry_of_a_delivered_or_unknown_entry_changes_nothing(
+        self, storage: Storage
+    ) -> None:
+        await self._with_outbox(storage, "p-1")
+        await storage.ack_outbox("p-1", delivered_at=T0)
+        delivered = await storage.get_outbox("p-1")
+        await storage.retry_outbox("p-1", next_attempt_at=T0 + 1, error="late failure report")
+        assert await storage.get_outbox("p-1") == delivered
+        assert await self.claim_outbox(storage, T0 + 10) == []
+        await storage.retry_outbox("nope", next_attempt_at=T0, error="x")
+        assert await storage.get_outbox("nope") is None
+
+    async def test_concurrent_outbox_claims_are_disjoint(self, storage: Storage) -> None:
+        ids = {f"p-{i:02}" for i in range(20)}
+        for pid in sorted(ids):
+            await self._with_outbox(storage, pid)
+        batches = await _gather(
+            [partial(self.claim_outbox, storage, T0, owner=owner, limit=6) for owner in "abcdef"]
+        )
+        claimed = [e.payout_id for batch in batches for e in batch]
+        assert len(claimed) == len(set(claimed))
+        assert set(claimed) == ids
+
+    # -- count_by_status ----------------------------------------------------------------------
+
+    async def test_count_by_status(self, storage: Storage) -> None:
+        def nonzero(counts: dict[PayoutStatus, int]) -> dict[PayoutStatus, int]:
+            assert all(isinstance(k, PayoutStatus) for k in counts)
+            return {k: v for k, v in counts.items() if v}
+
+        assert nonzero(await storage.count_by_status()) == {}
+        for i in range(3):
+            await self.create(storage, f"r-{i}")
+        a = await self.create(storage, "a")
+        b = await self.create(storage, "b")
+        await self.update(storage, a, status=PayoutStatus.AWAITING)
+        await self.update(storage, b, status=PayoutStatus.DECLINED, next_check_at=None)
+        await self.claim(storage)  # claims change no status
+        assert nonzero(await storage.count_by_status()) == {
+            PayoutStatus.RECEIVED: 3,
+            PayoutStatus.AWAITING: 1,
+            PayoutStatus.DECLINED: 1,
+        }

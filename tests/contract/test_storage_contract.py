@@ -1,0 +1,328 @@
+"""The storage contract on every backend (see conftest.py), plus backend-specific guarantees."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import anyio
+import pytest
+
+from resilient_payout._errors import StorageError, StorageUnavailable
+from resilient_payout._model import PayoutStatus
+from resilient_payout.storage import Storage, storage_from_url
+from resilient_payout.storage.memory import MemoryStorage
+from resilient_payout.storage.sqlite import SQLiteStorage
+from resilient_payout.testing.contract import T0, StorageContract, make_outbox, make_payout
+
+pytestmark = pytest.mark.anyio
+
+
+class TestStorageContract(StorageContract):
+    """The whole suite, on each backend of ``BACKENDS``."""
+
+
+# -- every backend against a reference model --------------------------------------------------
+
+
+@dataclass
+class _Ref:
+    version: int
+    final: bool
+    next_check_at: float | None
+    lease_until: float | None = None
+
+
+async def test_random_operations_match_a_reference_model(storage: Storage) -> None:
+    """Claims, reschedules, lease expiries and clock jumps (also backwards) in random order."""
+    await run_reference_model(storage, seed=20240611, steps=400)
+
+
+async def run_reference_model(storage: Storage, *, seed: int, steps: int) -> None:
+    rng = random.Random(seed)
+    ids = [f"p-{i:02}" for i in range(25)]
+    ref: dict[str, _Ref] = {}
+
+    def due_time() -> float:
+        return T0 + rng.randrange(-400, 400) / 8
+
+    for step in range(steps):
+        pid = rng.choice(ids)
+        op = rng.random()
+        if op < 0.2:
+            nca = due_time()
+            stored, created = await storage.create_if_absent(make_payout(pid, next_check_at=nca))
+            assert created == (pid not in ref), step
+            if created:
+                ref[pid] = _Ref(1, False, nca)
+            assert stored.version == ref[pid].version, step
+        elif op < 0.5 and pid in ref:
+            current = await storage.get(pid)
+            assert current is not None
+            assert current.version == ref[pid].version, step
+            stale = rng.random() < 0.2
+            final = rng.random() < 0.15
+            new_nca = None if final else due_time()
+            status = PayoutStatus.COMPLETED if final else PayoutStatus.AWAITING
+            out = await storage.compare_and_set(
+                replace(current, status=status, next_check_at=new_nca),
+                expected_version=current.version - 1 if stale else current.version,
+            )
+            if stale:
+                assert out is None, step
+            else:
+                assert out is not None, step
+                ref[pid] = _Ref(current.version + 1, final, new_nca)
+        elif op < 0.85:
+            now = T0 + rng.randrange(-400, 600) / 8
+            limit = rng.randint(1, 6)
+            lease = rng.choice([0.5, 5.0, 30.0])
+            eligible = sorted(
+                (r.next_check_at, i)
+                for i, r in ref.items()
+                if not r.final
+                and r.next_check_at is not None
+                and r.next_check_at <= now
+                and (r.lease_until is None or r.lease_until <= now)
+            )[:limit]
+            claimed = await storage.claim_due(
+                now, owner=f"o{step}", lease_seconds=lease, limit=limit
+            )
+            assert [p.id for p in claimed] == [i for _, i in eligible], step
+            for p in claimed:
+                r = ref[p.id]
+                r.version += 1
+                r.lease_until = now + lease
+                assert p.version == r.version, step
+        else:
+            pending = [
+                r.next_check_at for r in ref.values() if not r.final and r.next_check_at is not None
+            ]
+            assert await storage.next_due_at() == (min(pending) if pending else None), step
+
+    for pid, r in ref.items():
+        final_state = await storage.get(pid)
+        assert final_state is not None
+        assert (final_state.version, final_state.next_check_at) == (r.version, r.next_check_at)
+    counts = await storage.count_by_status()
+    assert sum(counts.values()) == len(ref)
+
+
+# -- MemoryStorage at scale --------------------------------------------------------------------
+
+
+async def test_memory_claims_ten_thousand_payouts_in_due_order() -> None:
+    storage = MemoryStorage()
+    rng = random.Random(7)
+    times = {f"p-{i:05}": T0 + rng.random() * 1000 for i in range(10_000)}
+    for pid, nca in times.items():
+        await storage.create_if_absent(make_payout(pid, next_check_at=nca))
+    # Reschedule a fifth of them, each several times, to leave stale heap entries behind.
+    for pid in list(times)[::5]:
+        for _ in range(3):
+            current = await storage.get(pid)
+            assert current is not None
+            times[pid] = T0 + rng.random() * 1000
+            await storage.compare_and_set(
+                replace(current, next_check_at=times[pid]), expected_version=current.version
+            )
+    claimed: list[str] = []
+    for _ in range(30):
+        batch = await storage.claim_due(T0 + 1000, owner="w", lease_seconds=60, limit=500)
+        claimed += [p.id for p in batch]
+    assert claimed == sorted(times, key=lambda pid: (times[pid], pid))
+    assert await storage.next_due_at() == min(times.values())
+
+
+async def test_memory_storage_from_url() -> None:
+    assert isinstance(storage_from_url("memory://"), MemoryStorage)
+
+
+# -- SQLiteStorage -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "payouts.db"
+
+
+async def _opened(path: Path, busy_timeout: float = 5.0) -> SQLiteStorage:
+    storage = SQLiteStorage(path, busy_timeout=busy_timeout)
+    await storage.open()
+    return storage
+
+
+def test_sqlite_from_url(tmp_path: Path) -> None:
+    relative = SQLiteStorage.from_url("sqlite:///data/payouts.db")
+    assert relative.path == "data/payouts.db"
+    absolute = SQLiteStorage.from_url(f"sqlite:///{tmp_path}/payouts.db")
+    assert absolute.path == f"{tmp_path}/payouts.db"
+    assert Path(absolute.path).is_absolute()
+    from_factory = storage_from_url("sqlite:////var/lib/rp.db?busy_timeout=0.5")
+    assert isinstance(from_factory, SQLiteStorage)
+    assert from_factory.path == "/var/lib/rp.db"
+    for bad in ["sqlite://", "sqlite:///", "sqlite://host/x.db", "sqlite:///x.db?nope=1"]:
+        with pytest.raises(ValueError, match="SQLite"):
+            SQLiteStorage.from_url(bad)
+
+
+async def test_sqlite_uses_wal_and_keeps_the_version_in_its_column(db_path: Path) -> None:
+    storage = await _opened(db_path)
+    try:
+        await storage.create_if_absent(make_payout("p-1"))
+        (claimed,) = await storage.claim_due(T0, owner="a", lease_seconds=30, limit=1)
+    finally:
+        await storage.close()
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        row = raw.execute("SELECT version, lease_owner, lease_until FROM payouts").fetchone()
+    assert row == (claimed.version, "a", T0 + 30)
+    assert claimed.version == 2
+
+
+async def test_sqlite_survives_close_and_reopen(db_path: Path) -> None:
+    first = await _opened(db_path)
+    stored, _ = await first.create_if_absent(make_payout("done"))
+    final = replace(stored, status=PayoutStatus.COMPLETED, next_check_at=None)
+    entry = make_outbox("done")
+    done = await first.compare_and_set(final, expected_version=1, outbox=entry)
+    await first.create_if_absent(make_payout("leased", next_check_at=T0 - 1))
+    (leased,) = await first.claim_due(T0, owner="a", lease_seconds=30, limit=10)
+    await first.close()
+
+    second = await _opened(db_path)
+    try:
+        assert await second.get("done") == done
+        assert await second.get_outbox("done") == entry
+        assert await second.get("leased") == leased
+        assert await second.next_due_at() == T0 - 1
+        assert await second.claim_due(T0 + 1, owner="b", lease_seconds=30, limit=10) == []
+        (taken,) = await second.claim_due(T0 + 31, owner="b", lease_seconds=30, limit=10)
+        assert taken.version == leased.version + 1
+        assert await second.count_by_status() == {
+            **dict.fromkeys(PayoutStatus, 0),
+            PayoutStatus.COMPLETED: 1,
+            PayoutStatus.RECEIVED: 1,
+        }
+    finally:
+        await second.close()
+
+
+async def test_sqlite_objects_on_one_file_claim_disjoint_sets(db_path: Path) -> None:
+    workers = [await _opened(db_path) for _ in range(3)]
+    try:
+        ids = {f"p-{i:03}" for i in range(90)}
+        for i, pid in enumerate(sorted(ids)):
+            await workers[i % 3].create_if_absent(make_payout(pid, next_check_at=T0 - i))
+        claimed: list[str] = []
+
+        async def drain(storage: SQLiteStorage, owner: str) -> None:
+            for _ in range(len(ids)):  # bounded: a broken backend fails instead of hanging
+                batch = await storage.claim_due(T0, owner=owner, lease_seconds=30, limit=4)
+                if not batch:
+                    return
+                claimed.extend(p.id for p in batch)
+
+        async with anyio.create_task_group() as tg:
+            for n, storage in enumerate(workers):
+                tg.start_soon(drain, storage, f"w{n}a")
+                tg.start_soon(drain, storage, f"w{n}b")
+        assert len(claimed) == len(set(claimed))
+        assert set(claimed) == ids
+    finally:
+        for storage in workers:
+            await storage.close()
+
+
+async def test_sqlite_objects_on_one_file_race_create_and_cas(db_path: Path) -> None:
+    workers = [await _opened(db_path) for _ in range(4)]
+    try:
+        created: list[bool] = []
+        won: list[bool] = []
+
+        async def create(storage: SQLiteStorage, n: int) -> None:
+            _, was_created = await storage.create_if_absent(make_payout("p", fingerprint=str(n)))
+            created.append(was_created)
+
+        async def finish(storage: SQLiteStorage, n: int) -> None:
+            current = await storage.get("p")
+            assert current is not None
+            final = replace(current, status=PayoutStatus.FAILED, next_check_at=None)
+            out = await storage.compare_and_set(
+                final, expected_version=1, outbox=make_outbox("p", at=T0 + n)
+            )
+            won.append(out is not None)
+
+        for step in (create, finish):
+            async with anyio.create_task_group() as tg:
+                for n in range(20):
+                    tg.start_soon(step, workers[n % 4], n)
+        assert created.count(True) == 1
+        assert won.count(True) == 1
+        stored = await workers[0].get("p")
+        assert stored is not None
+        assert stored.version == 2
+    finally:
+        for storage in workers:
+            await storage.close()
+
+
+async def test_sqlite_locked_database_raises_storage_unavailable(db_path: Path) -> None:
+    storage = await _opened(db_path, busy_timeout=0.01)
+    stored, _ = await storage.create_if_absent(make_payout("p-1"))
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        raw.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(StorageUnavailable, match="locked"):
+            await storage.create_if_absent(make_payout("p-2"))
+        with pytest.raises(StorageUnavailable):
+            await storage.compare_and_set(stored, expected_version=1, outbox=make_outbox("p-1"))
+        with pytest.raises(StorageUnavailable):
+            await storage.claim_due(T0, owner="a", lease_seconds=30, limit=10)
+        assert await storage.get("p-1") == stored  # WAL: reads go on
+        raw.execute("ROLLBACK")
+        # Nothing was left half-done on the storage's connection.
+        assert await storage.compare_and_set(stored, expected_version=1) is not None
+        assert await storage.get("p-2") is None
+    finally:
+        raw.close()
+        await storage.close()
+
+
+async def test_sqlite_cancelled_write_leaves_no_open_transaction(db_path: Path) -> None:
+    storage = await _opened(db_path, busy_timeout=10.0)
+    stored, _ = await storage.create_if_absent(make_payout("p-1"))
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: storage.compare_and_set(
+                    stored, expected_version=1, outbox=make_outbox("p-1")
+                )
+            )
+            await anyio.wait_all_tasks_blocked()  # the CAS waits for the write lock
+            tg.cancel_scope.cancel()
+            raw.execute("ROLLBACK")
+        # The cancelled CAS rolled back and released the lock: another connection can write.
+        raw.execute("BEGIN IMMEDIATE")
+        raw.execute("ROLLBACK")
+        assert await storage.get("p-1") == stored
+        assert await storage.get_outbox("p-1") is None
+        assert await storage.compare_and_set(stored, expected_version=1) is not None
+    finally:
+        raw.close()
+        await storage.close()
+
+
+async def test_sqlite_refuses_a_newer_schema_and_use_before_open(db_path: Path) -> None:
+    storage = SQLiteStorage(db_path)
+    with pytest.raises(StorageError, match="not open"):
+        await storage.get("p-1")
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("PRAGMA user_version = 99")
+    with pytest.raises(StorageError, match="newer"):
+        await storage.open()
+    await storage.close()
