@@ -133,6 +133,7 @@ class PayoutClient:
         on_conflict: called (sync or async) when a report disagrees with a final status.
         background: run background work (claims, checks, pushes); False for a process that
             only takes requests and webhooks.
+        close_storage: close the storage on exit (False when several clients share it).
     """
 
     def __init__(
@@ -148,6 +149,7 @@ class PayoutClient:
         instance_id: str | None = None,
         on_conflict: ConflictHook | None = None,
         background: bool = True,
+        close_storage: bool = True,
     ) -> None:
         self.storage = storage
         self.partner = partner
@@ -161,6 +163,7 @@ class PayoutClient:
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.on_conflict = on_conflict
         self.background = background
+        self.close_storage = close_storage
         self.stats = ClientStats()
         self._tg: TaskGroup | None = None
         self._limiter = anyio.CapacityLimiter(self.policy.max_concurrent_work)
@@ -189,7 +192,8 @@ class PayoutClient:
         for events in self._waiters.values():
             for ev in events:
                 ev.set()
-        await self.storage.close()
+        if self.close_storage:
+            await self.storage.close()
 
     def _group(self) -> TaskGroup:
         if self._tg is None:

@@ -603,3 +603,44 @@ class StorageContract:
             PayoutStatus.AWAITING: 1,
             PayoutStatus.DECLINED: 1,
         }
+
+    # -- the client on this backend ------------------------------------------------------
+
+    async def test_fifty_concurrent_submits_across_clients_make_one_payout_and_one_post(
+        self, storage: Storage
+    ) -> None:
+        from contextlib import AsyncExitStack
+
+        from .._client import PayoutClient
+        from ._fake_partner import FakePartner, Script
+
+        partner = FakePartner(script=lambda _id, _n: Script(answer_delay=0.0, webhook=False))
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(partner)
+            clients = [
+                await stack.enter_async_context(
+                    PayoutClient(
+                        storage=storage,
+                        partner=partner,
+                        webhook_url="http://service/webhook",
+                        background=False,
+                        close_storage=False,
+                        instance_id=f"instance-{i}",
+                    )
+                )
+                for i in range(5)
+            ]
+            replayed: list[bool] = []
+
+            async def submit(n: int) -> None:
+                result = await clients[n % 5].submit({"id": "same", "amount": 42})
+                replayed.append(result.replayed)
+
+            async with anyio.create_task_group() as tg:
+                for n in range(50):
+                    tg.start_soon(submit, n)
+            final = await clients[0].wait_final("same", 10)
+        assert sorted(replayed) == [False] + [True] * 49
+        assert partner.reached("same") == 1
+        assert final.status is PayoutStatus.COMPLETED
+        assert final.request == {"id": "same", "amount": 42}
