@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Self
@@ -69,6 +70,7 @@ log = logging.getLogger("resilient_payout")
 
 _MAX_RACES = 20
 _CLAIM_BATCH = 200
+_MIN_WAIT = 0.001
 
 ConflictHook = Callable[[Payout, ConflictDetected], Awaitable[None] | None]
 
@@ -83,7 +85,7 @@ class SubmitResult:
 
 @dataclass(slots=True)
 class ClientStats:
-    """Counters of one client (see docs/operations.md). Read ``to_dict()`` for a snapshot."""
+    """Counters of one client (see docs/reconciliation.md). ``to_dict()`` gives a snapshot."""
 
     submits: int = 0
     replays: int = 0
@@ -91,6 +93,7 @@ class ClientStats:
     posts: int = 0
     answers: dict[str, int] = field(default_factory=dict)
     checks_sent: int = 0
+    checks_peak_per_second: int = 0
     checks_rate_limited: int = 0
     check_pauses: int = 0
     checks_skipped: int = 0
@@ -168,6 +171,10 @@ class PayoutClient:
         self._tg: TaskGroup | None = None
         self._limiter = anyio.CapacityLimiter(self.policy.max_concurrent_work)
         self._inflight: set[str] = set()
+        # Payouts eligible for a status check, waiting for a budget token (see _check_loop).
+        self._check_queue: dict[str, Payout] = {}
+        self._check_wake = anyio.Event()
+        self._recent_checks: deque[float] = deque()
         self._waiters: dict[str, set[anyio.Event]] = {}
         self._due_wake = anyio.Event()
         self._outbox_wake = anyio.Event()
@@ -179,9 +186,10 @@ class PayoutClient:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         if self.background:
-            self._tg.start_soon(self._due_loop)
+            self._tg.start_soon(self._due_loop, self._tg)
+            self._tg.start_soon(self._check_loop, self._tg)
             if self.notifier is not None:
-                self._tg.start_soon(self._outbox_loop)
+                self._tg.start_soon(self._outbox_loop, self._tg)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -310,6 +318,7 @@ class PayoutClient:
         if stored.is_final and notified and stored.resolved_by is not None:
             _bump(self.stats.resolved, stored.resolved_by.value)
         if stored.is_final:
+            self._check_queue.pop(stored.id, None)
             for ev in self._waiters.get(stored.id, ()):
                 ev.set()
         if notified:
@@ -329,8 +338,9 @@ class PayoutClient:
                         self.stats.resubmissions += 1
                         self.stats.confirmed_absences += 1
                     await self._submit(payout, attempt)
-                case CheckStatus(attempt=attempt):
-                    await self._check(payout, attempt)
+                case CheckStatus():
+                    self._check_queue[payout.id] = payout
+                    self._check_wake.set()
                 case ConflictDetected():
                     await self._conflict(payout, effect)
                 case Notify():
@@ -342,22 +352,67 @@ class PayoutClient:
         _bump(self.stats.answers, _outcome_name(outcome))
         await self._apply(payout, PartnerAnswered(attempt, outcome))
 
-    async def _check(self, payout: Payout, attempt: int) -> None:
-        await self.budget.acquire()
-        # The token may have taken a while: a webhook may have settled it meanwhile.
-        fresh = await self.storage.get(payout.id)
-        if fresh is None or fresh.is_final or fresh.attempt != attempt:
-            self.stats.checks_skipped += 1
-            return
+    def _check_priority(self, p: Payout) -> tuple[int, float]:
+        """Which eligible payout gets the next token: an app waiting on a long-poll first, then
+        the most overdue one, so under load every payout's checks are spaced evenly."""
+        return (0 if p.id in self._waiters else 1, p.next_check_at or 0.0)
+
+    async def _check_loop(self, tg: TaskGroup) -> None:
+        """Spend each budget token on the best eligible payout *at the moment it is granted*."""
+        while True:
+            while not self._check_queue:
+                self._check_wake = anyio.Event()
+                await self._check_wake.wait()
+            try:
+                await self.budget.acquire()
+            except Exception:
+                # A shared budget's backend may fail (Redis down, bad credentials): checks wait,
+                # nothing else stops.
+                self.stats.work_errors += 1
+                log.exception(
+                    "the check budget failed; retrying in %.1fs", self.policy.poll_interval
+                )
+                await anyio.sleep(self.policy.poll_interval)
+                continue
+            if not self._check_queue:
+                continue  # settled by a webhook or answer while we waited: token unused
+            best = min(self._check_queue.values(), key=self._check_priority)
+            del self._check_queue[best.id]
+            tg.start_soon(self._check, best)
+
+    async def _check(self, payout: Payout) -> None:
+        try:
+            fresh = await self.storage.get(payout.id)
+            if (
+                fresh is None
+                or fresh.status not in (PayoutStatus.UNKNOWN, PayoutStatus.AWAITING)
+                or fresh.attempt != payout.attempt
+            ):
+                self.stats.checks_skipped += 1
+                return
+            self._count_check()
+            outcome = await self.partner.check(fresh.id)
+            if isinstance(outcome, RateLimited):
+                self.stats.checks_rate_limited += 1
+                self.stats.check_pauses += 1
+                pause = outcome.retry_after or self.policy.block_pause
+                log.warning("partner rate-limited a status check; pausing checks for %.1fs", pause)
+                await self.budget.pause(pause)
+            await self._apply(fresh, StatusChecked(fresh.attempt, outcome))
+        except StorageError as exc:
+            self.stats.work_errors += 1
+            log.warning("payout %s: storage error during a check, will retry: %s", payout.id, exc)
+        finally:
+            self._inflight.discard(payout.id)
+
+    def _count_check(self) -> None:
+        now = anyio.current_time()
         self.stats.checks_sent += 1
-        outcome = await self.partner.check(payout.id)
-        if isinstance(outcome, RateLimited):
-            self.stats.checks_rate_limited += 1
-            self.stats.check_pauses += 1
-            pause = outcome.retry_after or self.policy.block_pause
-            log.warning("partner rate-limited a status check; pausing checks for %.1fs", pause)
-            await self.budget.pause(pause)
-        await self._apply(fresh, StatusChecked(attempt, outcome))
+        recent = self._recent_checks
+        recent.append(now)
+        while recent[0] <= now - 1.0:
+            recent.popleft()
+        self.stats.checks_peak_per_second = max(self.stats.checks_peak_per_second, len(recent))
 
     async def _conflict(self, payout: Payout, conflict: ConflictDetected) -> None:
         self.stats.conflicts += 1
@@ -379,10 +434,10 @@ class PayoutClient:
                 self.stats.work_errors += 1
                 log.exception("payout %s: unexpected error in background work", payout.id)
             finally:
-                self._inflight.discard(payout.id)
+                if payout.id not in self._check_queue:
+                    self._inflight.discard(payout.id)
 
-    async def _due_loop(self) -> None:
-        tg = self._group()
+    async def _due_loop(self, tg: TaskGroup) -> None:
         while True:
             now = self.clock.now()
             try:
@@ -405,13 +460,14 @@ class PayoutClient:
                 continue
             delay = self.policy.poll_interval
             if nxt is not None and nxt > now:
-                delay = min(delay, nxt - now)
+                # A floor: epoch floats and the loop clock round differently, and a wait shorter
+                # than the clock's resolution would never reach the due time.
+                delay = max(min(delay, nxt - now), _MIN_WAIT)
             self._due_wake = anyio.Event()
             with anyio.move_on_after(delay):
                 await self._due_wake.wait()
 
-    async def _outbox_loop(self) -> None:
-        tg = self._group()
+    async def _outbox_loop(self, tg: TaskGroup) -> None:
         # A round may retry a few times with backoff; the lease must outlast it.
         p = self.policy
         lease = p.lease + p.notify_attempts_per_round * (p.notify_timeout + p.notify_backoff_max)

@@ -193,31 +193,31 @@ def window_end(p: Payout, policy: Policy) -> float | None:
 
 
 def plan_next_check(p: Payout, now: float, policy: Policy) -> float:
-    """When to spend the next status check on an open (``unknown``/``awaiting``) payout.
+    """When an open (``unknown``/``awaiting``) payout is next *eligible* for a status check.
 
-    ``unknown``: nothing can land before ``earliest_landing``, so the first check waits for it;
-    then every ``check_interval`` until the window closes, then one check just after it that
-    confirms absence. ``awaiting``: first give the webhook ``webhook_grace``, then check every
-    ``check_interval``, backing off to ``max_check_interval``.
+    ``unknown``: nothing lands before ``earliest_landing`` or after ``latest_landing``, so routine
+    checks run between the two, at least ``check_interval`` apart, and one more just after the
+    late-arrival window confirms absence. ``awaiting``: the webhook gets ``webhook_grace`` first,
+    then checks back off from ``check_interval`` to ``max_check_interval``. Eligible is not
+    sent: the client's scheduler spends the budget on eligible payouts most-overdue first, so
+    under load the spacing stretches evenly (docs/reconciliation.md).
     """
     start = p.attempt_started_at if p.attempt_started_at is not None else now
     end = start + policy.late_arrival_window
+    confirm = end + policy.absence_check_delay
     if p.status is S.UNKNOWN:
-        earliest = start + policy.earliest_landing
         if now >= end:
-            return max(now, end + policy.absence_check_delay)
-        at = max(earliest, now + policy.check_interval)
-        return min(at, end + policy.absence_check_delay)
+            return max(now, confirm)
+        at = max(now, start + policy.earliest_landing) + policy.check_interval
+        return at if at <= start + policy.latest_landing else confirm
     base = p.answered_at if p.answered_at is not None else now
     first = base + policy.webhook_grace
     if now < first:
         return first
     backoff = policy.check_interval * 2.0 ** min(max(0, p.checks - 3), 32)
     at = now + min(backoff, policy.max_check_interval)
-    if now < end:
-        # The confirming check right after the window must not be skipped by a long backoff.
-        at = min(at, end + policy.absence_check_delay)
-    return at
+    # The confirming check right after the window must not be skipped by a long backoff.
+    return min(at, confirm) if now < end else at
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ class Policy:
     earliest_landing: float = _seconds(
         30.0, "After an uncertain POST, no transfer can land before this (partner: 30 s)"
     )
+    latest_landing: float = _seconds(
+        120.0, "After an uncertain POST, a transfer that lands does so by then (partner: 120 s)"
+    )
     late_arrival_window: float = _seconds(
         150.0,
         "After the attempt started, a transfer that has not landed by then never will (partner: "
@@ -67,7 +70,11 @@ class Policy:
     webhook_grace: float = _seconds(
         35.0, "After the partner acknowledged a POST as pending, wait this long for the webhook"
     )
-    check_interval: float = _seconds(15.0, "Spacing of status checks while a payout is open")
+    check_interval: float = _seconds(
+        5.0,
+        "Shortest spacing of two checks of one payout; when the budget is short the scheduler "
+        "spreads them further (round-robin, see docs/reconciliation.md)",
+    )
     max_check_interval: float = _seconds(300.0, "Cap of that spacing once it backs off")
 
     # -- the status-check budget ---------------------------------------------------------------
@@ -111,7 +118,7 @@ class Policy:
     def __post_init__(self) -> None:
         if self.submit_deadline <= self.connect_timeout + self.read_timeout:
             raise ValueError("submit_deadline must exceed connect_timeout + read_timeout")
-        if self.late_arrival_window <= self.earliest_landing:
-            raise ValueError("late_arrival_window must exceed earliest_landing")
+        if not self.earliest_landing < self.latest_landing <= self.late_arrival_window:
+            raise ValueError("need earliest_landing < latest_landing <= late_arrival_window")
         if self.max_submit_attempts < 1 or self.check_burst < 1 or self.check_rate <= 0:
             raise ValueError("max_submit_attempts, check_burst and check_rate must be positive")

@@ -14,9 +14,14 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import anyio
-from aiolimiter import AsyncLimiter
 
 __all__ = ["CheckBudget", "LocalCheckBudget"]
+
+# Waits are never shorter: a clock with finite resolution (every virtual clock) may not move for
+# a shorter sleep, and the waiter would spin.
+_MIN_WAIT = 0.001
+# Float noise allowance when comparing times (a nanosecond early is not a violation worth a spin).
+_EPS = 1e-9
 
 
 @runtime_checkable
@@ -33,10 +38,16 @@ class CheckBudget(Protocol):
 
 
 class LocalCheckBudget:
-    """An in-process budget: aiolimiter's leaky bucket plus a pause.
+    """An in-process budget: GCRA (the leaky bucket as a meter) on the event loop's clock.
 
-    It starts *full*: nothing goes out during the first ``burst / rate`` seconds, because checks
+    A check is allowed once the clock reaches the bucket's theoretical arrival time minus the
+    burst tolerance, so over any window of ``T`` seconds at most ``burst + rate * T`` checks go out.
+    The bucket starts *full*: the first check waits ``1 / rate``, because checks a previous process
     sent just before a restart may still count in the partner's window.
+
+    Why not aiolimiter (which we used first): its waiter re-arms a timer at ``last_check +
+    needed / rate``; float residue can make that "now", and on a clock that advances only when
+    the loop is idle (the virtual-time loop every test here runs on) it re-arms forever.
     """
 
     def __init__(self, rate: float, burst: int = 1) -> None:
@@ -44,27 +55,26 @@ class LocalCheckBudget:
             raise ValueError("rate must be > 0 and burst >= 1")
         self.rate = rate
         self.burst = burst
-        self._limiter = AsyncLimiter(max_rate=burst, time_period=burst / rate)
-        self._paused_until: float | None = None
+        self._interval = 1.0 / rate
+        self._tolerance = (burst - 1) * self._interval
+        self._tat: float | None = None
+        self._paused_until = float("-inf")
         self.sent = 0
         self.pauses = 0
 
     async def acquire(self) -> None:
-        if self._paused_until is None:
-            self._paused_until = anyio.current_time() + self.burst / self.rate
         while True:
-            wait = self._paused_until - anyio.current_time()
-            if wait > 0:
-                await anyio.sleep(wait)
-                continue
-            await self._limiter.acquire()
-            # A pause may have begun while we queued for a token: honour it.
-            if anyio.current_time() >= self._paused_until:
+            now = anyio.current_time()
+            if self._tat is None:
+                self._tat = now + self.burst * self._interval
+            allowed_at = max(self._tat - self._tolerance, self._paused_until)
+            if now >= allowed_at - _EPS:
+                # No await between the test and the update: atomic within the event loop.
+                self._tat = max(self._tat, now) + self._interval
                 self.sent += 1
                 return
+            await anyio.sleep(max(allowed_at - now, _MIN_WAIT))
 
     async def pause(self, seconds: float) -> None:
-        until = anyio.current_time() + seconds
-        if self._paused_until is None or until > self._paused_until:
-            self._paused_until = until
+        self._paused_until = max(self._paused_until, anyio.current_time() + seconds)
         self.pauses += 1

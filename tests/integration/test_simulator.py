@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -68,6 +69,7 @@ class FakeWorld:
         double_payment: Callable[[int], bool] = lambda i: False,
         blocks: int = 0,
         partner_down: bool = False,
+        lands_after: Callable[[int], float] = lambda i: 0.0,
     ) -> None:
         self.tg = tg
         self.outcome = outcome
@@ -82,7 +84,9 @@ class FakeWorld:
         self.double_payment = double_payment
         self.blocks = blocks
         self.partner_down = partner_down
+        self.lands_after = lands_after
         self.order: dict[str, int] = {}
+        self.first_post_at: dict[str, float] = {}
         self.posts: Counter[str] = Counter()
         self.gets: Counter[str] = Counter()
         self.wait_params: list[str] = []
@@ -110,6 +114,7 @@ class FakeWorld:
         self.posts[tx_id] += 1
         if tx_id not in self.order:
             self.order[tx_id] = len(self.order)
+            self.first_post_at[tx_id] = anyio.current_time()
             self.settled[tx_id] = anyio.Event()
             self.tg.start_soon(self._settle, tx_id)
         i = self.order[tx_id]
@@ -146,11 +151,13 @@ class FakeWorld:
             return JSONResponse({"error": "down"}, 500)
         truth = {}
         for tx_id, i in self.order.items():
-            outcome = self.outcome(i)
+            # Until it lands, the partner's record is empty and may still change (a 504'd POST).
+            landed = anyio.current_time() >= self.first_post_at[tx_id] + self.lands_after(i)
+            outcome = self.outcome(i) if landed else "failed"
             truth[tx_id] = {
                 "status": None if outcome == "failed" else outcome,
                 "posts": 2 if self.double_payment(i) else 1,
-                "settled": True,
+                "settled": landed,
                 "double_payment": self.double_payment(i),
             }
         return JSONResponse({"transactions": truth})
@@ -257,6 +264,49 @@ async def test_no_push_and_404_is_missing() -> None:
     assert world.gets[missing_id] == 90
     assert report.non_correct[0]["get_404s"] == 90
     assert report.exit_code() == 1
+
+
+async def test_failed_reported_before_a_late_landing_is_wrong() -> None:
+    """The partner's record is still empty when the service's final comes; grading waits for
+    the landing instead of taking the empty record for ``failed``."""
+    world, report = await simulate(
+        reported=lambda i: "failed" if i == 0 else cycle_outcome(i),
+        lands_after=lambda i: 100.0 if i == 0 else 0.0,
+    )
+
+    assert (report.correct, report.wrong) == (11, 1)
+    assert report.wrong_ids == [world.ids()[0]]
+    assert report.non_correct[0]["expected"] == "completed"
+    assert report.non_correct[0]["partner"]["settled"] is True
+    # The last final came at 6.1 s (id 11: sent at 1.1 s, pushed 5 s later); the truth is read
+    # once per poll_interval (1 s) until the landing at 100 s.
+    assert report.settle_wait_s == pytest.approx(94.0, abs=1.0)
+    assert report.problems() == ["1 wrong outcome(s)"]
+
+
+async def test_partner_unsettled_at_the_deadline_is_not_graded() -> None:
+    world, report = await simulate(
+        config(deadline=60.0),
+        reported=lambda i: "failed" if i == 0 else cycle_outcome(i),
+        lands_after=lambda i: math.inf if i == 0 else 0.0,
+    )
+
+    assert (report.correct, report.wrong, report.unsettled) == (11, 0, 1)
+    assert report.unsettled_ids == [world.ids()[0]]
+    assert report.non_correct[0]["verdict"] == "unsettled"
+    assert report.non_correct[0]["expected"] is None
+    # Waited up to the deadline after the last send (1.1 s + 60 s), then lingered 5 s.
+    assert report.duration_s == pytest.approx(1.1 + 60.0 + 5.0)
+    assert report.problems() == ["1 unsettled outcome(s)"]
+    assert report.exit_code() == 1
+
+
+async def test_honest_service_waits_no_longer_than_needed() -> None:
+    _, report = await simulate(final_after=lambda i: 50.0, lands_after=lambda i: 50.0)
+
+    assert report.correct == 12
+    assert report.settle_wait_s == 0.0
+    assert report.ok
 
 
 async def test_two_different_pushes_are_conflicting() -> None:
@@ -403,7 +453,7 @@ async def test_time_scale_shrinks_every_duration() -> None:
 
 async def test_polling_is_never_faster_than_50ms_of_clock() -> None:
     _, report = await simulate(
-        config(n=1, time_scale=0.01), pushes=lambda i: [], get_404=lambda i: True
+        config(n=1, time_scale=0.01, deadline=300.0), pushes=lambda i: [], get_404=lambda i: True
     )
 
     # push_grace 0.3 s to deadline 3 s, one GET per 50 ms (the scaled 10 ms is below the floor).
@@ -486,6 +536,23 @@ def test_cli_options_build_the_config() -> None:
 def test_config_refuses_remote_hosts() -> None:
     with pytest.raises(ValueError, match="api_url must point at this machine"):
         SimulatorConfig(api_url="http://example.com")
+
+
+def test_allow_remote_option_accepts_other_hosts() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--api", "http://service:3200", "--partner", "http://partner:3000"]
+    argv += ["--listen", "0.0.0.0:3100"]
+
+    with pytest.raises(ValueError, match="must point at this machine"):
+        config_from_args(parser.parse_args(argv))
+    cfg = config_from_args(parser.parse_args([*argv, "--allow-remote"]))
+
+    assert (cfg.api_url, cfg.listen_host, cfg.allow_remote) == (
+        "http://service:3200",
+        "0.0.0.0",
+        True,
+    )
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

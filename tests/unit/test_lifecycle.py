@@ -176,7 +176,7 @@ def test_not_found_inside_the_window_keeps_checking() -> None:
     assert d.payout.status is S.UNKNOWN
     assert d.payout.checks == 1
     assert d.effects == ()
-    assert d.payout.next_check_at == T0 + 115
+    assert d.payout.next_check_at == T0 + 100 + P.check_interval
 
 
 def test_absence_confirmed_after_the_window_resubmits_then_fails() -> None:
@@ -313,11 +313,14 @@ def test_operator_cannot_set_a_non_final_status() -> None:
 # -- planning checks ---------------------------------------------------------------------
 
 
-def test_plan_never_checks_unknown_before_earliest_landing_or_skips_the_window_end() -> None:
+def test_plan_checks_unknown_only_while_it_can_land_then_confirms_absence() -> None:
     p = unknown()
-    assert plan_next_check(p, T0 + 1, P) == T0 + P.earliest_landing
+    first = plan_next_check(p, T0 + 1, P)
+    assert first == T0 + P.earliest_landing + P.check_interval
+    assert plan_next_check(p, T0 + 60, P) == T0 + 60 + P.check_interval
     end = T0 + P.late_arrival_window
-    assert plan_next_check(p, end - 1, P) == end + P.absence_check_delay
+    # No routine check after the latest possible landing: next is the confirming check.
+    assert plan_next_check(p, T0 + P.latest_landing - 1, P) == end + P.absence_check_delay
     assert plan_next_check(p, end + 10, P) == end + 10
 
 

@@ -5,8 +5,8 @@ URL                       backend                                     extra
 ========================  ==========================================  =====================
 ``memory://``             :class:`~.memory.MemoryStorage` (tests)     none
 ``sqlite:///path.db``     :class:`~.sqlite.SQLiteStorage` (default)   ``[sqlite]``
-``postgresql://...``      PostgresStorage (several instances)         ``[postgres]``
-``redis://...``           RedisStorage (several instances)            ``[redis]``
+``postgresql://...``      :class:`~.postgres.PostgresStorage`         ``[postgres]``
+``redis://...``           :class:`~.redis.RedisStorage`               ``[redis]``
 ========================  ==========================================  =====================
 """
 
@@ -28,4 +28,13 @@ def storage_from_url(url: str) -> Storage:
         from .sqlite import SQLiteStorage
 
         return SQLiteStorage.from_url(url)
-    raise ValueError(f"unsupported storage URL scheme {scheme!r} (in {url!r})")
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStorage
+
+        return PostgresStorage.from_url(url)
+    if scheme in ("redis", "rediss"):
+        from .redis import RedisStorage
+
+        return RedisStorage.from_url(url)
+    # The scheme only: a URL may carry a password.
+    raise ValueError(f"unsupported storage URL scheme {scheme!r}")

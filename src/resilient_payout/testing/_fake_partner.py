@@ -80,6 +80,10 @@ class FakePartner:
 
     script: Callable[[str, int], Script] | None = None
     seed: int = 0
+    p_uncertain: float = 0.10
+    p_land_given_uncertain: float = 0.5
+    p_webhook: float = 0.8
+    p_completed: float = 2 / 3
     timeout_after: float = 30.0
     read_timeout: float = 40.0
     max_landing: float = 120.0
@@ -95,6 +99,7 @@ class FakePartner:
     block_times: list[float] = field(default_factory=list)
     last_event: dict[str, float] = field(default_factory=dict)
     webhooks_sent: int = 0
+    landed_at: dict[str, float] = field(default_factory=dict)
     webhooks_failed: list[tuple[str, str]] = field(default_factory=list)
     _recent_checks: deque[float] = field(default_factory=deque)
     _blocked_until: float = -1.0
@@ -167,7 +172,7 @@ class FakePartner:
                 self._touch(payout_id)
                 return Accepted(PartnerStatus.PENDING)
             case Fate.TIMEOUT_LAND:
-                self._later(script.land_after, self._set, payout_id, script.status)
+                self._later(script.land_after, self._land, payout_id, script.status)
                 await anyio.sleep(self.timeout_after)
                 self._touch(payout_id)
                 return Uncertain("HTTP 504")
@@ -208,10 +213,12 @@ class FakePartner:
             return self.script(payout_id, n)
         rng = random.Random(f"{self.seed}:{payout_id}:{n}")
         roll = rng.random()
-        status = PartnerStatus.COMPLETED if rng.random() < 2 / 3 else PartnerStatus.DECLINED
-        if roll < 0.05:
+        status = (
+            PartnerStatus.COMPLETED if rng.random() < self.p_completed else PartnerStatus.DECLINED
+        )
+        if roll < self.p_uncertain * self.p_land_given_uncertain:
             fate = Fate.TIMEOUT_LAND
-        elif roll < 0.10:
+        elif roll < self.p_uncertain:
             fate = Fate.TIMEOUT_DROP
         else:
             fate = Fate.ANSWER
@@ -219,9 +226,9 @@ class FakePartner:
             fate=fate,
             status=status,
             answer_delay=rng.uniform(0.2, 10.0),
-            webhook=rng.random() < 0.8,
+            webhook=rng.random() < self.p_webhook,
             webhook_delay=rng.uniform(10.0, 30.0),
-            land_after=rng.uniform(30.0, 120.0),
+            land_after=rng.uniform(30.0, self.max_landing),
         )
 
     def _touch(self, payout_id: str) -> None:
@@ -230,6 +237,10 @@ class FakePartner:
     def _set(self, payout_id: str, status: PartnerStatus) -> None:
         self.records[payout_id] = status
         self._touch(payout_id)
+
+    def _land(self, payout_id: str, status: PartnerStatus) -> None:
+        self.landed_at[payout_id] = anyio.current_time()
+        self._set(payout_id, status)
 
     def _later(self, delay: float, fn: Callable[..., object], *args: Any) -> None:
         async def run() -> None:

@@ -1,7 +1,7 @@
 """Virtual time for tests: an asyncio event loop whose clock jumps ahead whenever it is idle.
 
 Built on ``looptime``: ``asyncio.sleep(120)`` returns at once in real time while ``loop.time()``
-(and so :func:`anyio.current_time`, aiolimiter, tenacity's sleeps through anyio, and
+(and so :func:`anyio.current_time`, the check budget, tenacity's sleeps through anyio, and
 :class:`~resilient_payout.LoopClock`) moves 120 s. Only in-process I/O is allowed under it (memory
 storage, ``httpx.ASGITransport``), because waiting on real sockets or threads would let the
 virtual clock run ahead of them.

@@ -2,9 +2,10 @@
 
 It sends a bounded, rate-limited load of ``POST /transaction`` (with concurrent and late repeats,
 as a phone on a poor network does), receives the service's pushes on ``PUT /transaction``, falls
-back to ``GET /transaction/{id}?wait=`` when a push is late, then reads the mock partner's truth
-and stats and grades every outcome. It speaks only HTTP, so it can grade any implementation of the
-contract. Needs starlette (receiver), uvicorn (standalone receiver) and rich (progress, summary).
+back to ``GET /transaction/{id}?wait=`` when a push is late, then waits for the mock partner's
+truth to settle, reads it and the stats, and grades every outcome. It speaks only HTTP, so it can
+grade any implementation of the contract. Needs starlette (receiver), uvicorn (standalone
+receiver) and rich (progress, summary).
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ _OK_POST_CODES = frozenset({200, 201, 202})
 _MIN_POLL_S = 0.05
 """Floor, in clock seconds, under the scaled poll interval: at a tiny time scale an unanswered id
 would otherwise be polled hundreds of times a second."""
+_MIN_SETTLE_POLL_S = 0.2
+"""Floor under the interval between two reads of the partner's whole truth while waiting for it to
+settle: one read lists every id the partner knows."""
 
 PushShape = Literal["auto", "flat", "nested"]
-Verdict = Literal["correct", "wrong", "missing", "conflicting", "unverified"]
+Verdict = Literal["correct", "wrong", "missing", "conflicting", "unverified", "unsettled"]
 Channel = Literal["answer", "push", "get"]
 _WaitMode = Literal["float", "int", "none"]
 
@@ -91,8 +95,9 @@ class SimulatorConfig:
     get_wait: float = 20.0
     poll_interval: float = 1.0
     """Least time between two GETs (or POST retries) for one id; never under 50 ms of clock."""
-    deadline: float = 300.0
-    """An id without a final outcome this long after its first send is ``missing``."""
+    deadline: float = 600.0
+    """An id without a final outcome this long after its first send is ``missing``; grading waits
+    at most this long after the last send for the partner's truth to settle."""
     linger: float = 5.0
     """Keep receiving pushes this long after the last final, to catch late contradictions."""
     seed: int | None = None
@@ -171,10 +176,12 @@ class SimulationReport:
     missing: int = 0
     conflicting: int = 0
     unverified: int = 0
+    unsettled: int = 0
     wrong_ids: list[str] = field(default_factory=list)
     missing_ids: list[str] = field(default_factory=list)
     conflicting_ids: list[str] = field(default_factory=list)
     unverified_ids: list[str] = field(default_factory=list)
+    unsettled_ids: list[str] = field(default_factory=list)
     non_correct: list[dict[str, Any]] = field(default_factory=list)
     """Details of the first ``max_listed`` non-correct ids, to start a diagnosis from."""
     first_answer_p50_ms: float | None = None
@@ -182,6 +189,8 @@ class SimulationReport:
     final_p50_s: float | None = None
     final_p90_s: float | None = None
     final_max_s: float | None = None
+    settle_wait_s: float | None = None
+    """Clock seconds spent after the load waiting for the partner's truth to settle."""
     finals_by_channel: dict[str, int] = field(default_factory=dict)
     pushes_received: int = 0
     repeat_pushes: int = 0
@@ -212,6 +221,7 @@ class SimulationReport:
             (self.missing, "missing outcome(s)"),
             (self.conflicting, "conflicting outcome(s)"),
             (self.unverified, "unverified outcome(s)"),
+            (self.unsettled, "unsettled outcome(s)"),
             (len(self.double_payments), "double payment(s)"),
             (self.pushes_rejected, "rejected push(es)"),
         ):
@@ -326,10 +336,20 @@ def _parse_push(body: object, expected: PushShape) -> tuple[str, str, str] | str
     return tx_id, str(status), shape
 
 
-def _expected_outcome(entry: object) -> str | None:
-    """The outcome the app should have got, from one partner truth entry; None = unsettled.
+def _is_settled(entry: object) -> bool:
+    """Whether a partner truth entry can no longer change.
 
-    An id the partner never heard of moved no money, so ``failed`` is right for it.
+    No entry (the partner never got a POST) is settled; an entry without a boolean ``settled``
+    comes from a partner that does not tell, and is taken as final.
+    """
+    return not (isinstance(entry, dict) and entry.get("settled") is False)
+
+
+def _expected_outcome(entry: object) -> str | None:
+    """The outcome the app should have got, from one settled partner truth entry; None = none yet.
+
+    An id the partner never heard of moved no money, so ``failed`` is right for it, as it is for
+    a settled entry with nothing recorded.
     """
     if entry is None:
         return "failed"
@@ -384,6 +404,8 @@ class Simulator:
         self._used = False
         self._on_sent: Callable[[], None] = lambda: None
         self._on_final: Callable[[], None] = lambda: None
+        self._on_settled: Callable[[int], None] = lambda done: None
+        self._settle_wait: float | None = None
         self.receiver_app = Starlette(
             routes=[Route("/transaction", self._on_push, methods=["PUT"])]
         )
@@ -397,7 +419,8 @@ class Simulator:
         return f"http://{host}:{self._bound_port or self.config.listen_port}"
 
     async def run(self, progress: bool = False) -> SimulationReport:
-        """Send the load, wait for every final (or the deadline), then grade against the partner."""
+        """Send the load, wait for every final and for the partner to settle (both bounded by the
+        deadline), linger, then grade against the partner."""
         if self._used:
             raise RuntimeError("a Simulator runs once; make a new one")
         self._used = True
@@ -424,6 +447,9 @@ class Simulator:
             if progress:
                 stack.enter_context(self._progress_bar())
             await self._send_all(api)
+            await self._await_settled(partner)
+            # Lingering after the partner settled gives a service that learns of a late landing
+            # the time to push its contradiction, which is then graded as conflicting.
             if cfg.linger:
                 await anyio.sleep(cfg.scaled(cfg.linger))
             truth, stats, errors = await self._read_partner(partner)
@@ -652,46 +678,84 @@ class Simulator:
             BarColumn,
             MofNCompleteColumn,
             Progress,
+            TaskID,
             TextColumn,
             TimeElapsedColumn,
         )
 
-        columns = (TextColumn("{task.description:>5}"), BarColumn(), MofNCompleteColumn())
+        columns = (TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, TimeElapsedColumn(), console=Console(stderr=True)) as bar:
             sent = bar.add_task("sent", total=self.config.n)
             final = bar.add_task("final", total=self.config.n)
+            settled: list[TaskID] = []
+
+            def on_settled(done: int) -> None:
+                if not settled:
+                    settled.append(bar.add_task("settled", total=self.config.n))
+                bar.update(settled[0], completed=done)
+
             self._on_sent = lambda: bar.advance(sent)
             self._on_final = lambda: bar.advance(final)
+            self._on_settled = on_settled
             try:
                 yield
             finally:
                 self._on_sent = self._on_final = lambda: None
+                self._on_settled = lambda done: None
 
     # -- grading ----------------------------------------------------------------------------
+
+    async def _fetch_partner(
+        self, client: httpx.AsyncClient, path: str, key: str | None, errors: list[str]
+    ) -> dict[str, Any] | None:
+        base = self.config.partner_url.rstrip("/")
+        try:
+            response = await client.get(f"{base}{path}", timeout=self.config.request_timeout)
+            response.raise_for_status()
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            errors.append(f"GET {path} failed: {exc!r}")
+            return None
+        if key is not None:
+            body = body.get(key) if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            errors.append(f"GET {path}: unexpected body")
+            return None
+        return body
+
+    async def _await_settled(self, client: httpx.AsyncClient) -> None:
+        """Wait until the partner's record of every id of this run can no longer change.
+
+        Grading a record that may still change would pass a service that reported ``failed``
+        before a late landing. Bounded by the deadline after the last send; a partner that cannot
+        be read ends the wait at once (the final read reports the error).
+        """
+        cfg = self.config
+        sent = [tx.sent_at for tx in self._txs.values() if tx.sent_at is not None]
+        if not sent:
+            return
+        until = max(sent) + cfg.scaled(cfg.deadline)
+        began = anyio.current_time()
+        try:
+            while True:
+                truth = await self._fetch_partner(client, "/_mock/truth", "transactions", [])
+                if truth is None:
+                    return
+                done = sum(1 for tx_id in self._txs if _is_settled(truth.get(tx_id)))
+                self._on_settled(done)
+                now = anyio.current_time()
+                if done == len(self._txs) or now >= until:
+                    return
+                await anyio.sleep(min(max(cfg.poll_seconds(), _MIN_SETTLE_POLL_S), until - now))
+        finally:
+            self._settle_wait = anyio.current_time() - began
 
     async def _read_partner(
         self, client: httpx.AsyncClient
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[str]]:
-        base = self.config.partner_url.rstrip("/")
         errors: list[str] = []
-
-        async def fetch(path: str, key: str | None) -> dict[str, Any] | None:
-            try:
-                response = await client.get(f"{base}{path}", timeout=self.config.request_timeout)
-                response.raise_for_status()
-                body = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                errors.append(f"GET {path} failed: {exc!r}")
-                return None
-            if key is not None:
-                body = body.get(key) if isinstance(body, dict) else None
-            if not isinstance(body, dict):
-                errors.append(f"GET {path}: unexpected body")
-                return None
-            return body
-
-        truth = await fetch("/_mock/truth", "transactions")
-        stats = await fetch("/_mock/stats", None)
+        truth = await self._fetch_partner(client, "/_mock/truth", "transactions", errors)
+        stats = await self._fetch_partner(client, "/_mock/stats", None, errors)
         return truth, stats, errors
 
     def _verdict(self, tx: _Tx, truth: Mapping[str, Any] | None) -> tuple[Verdict, str | None]:
@@ -701,7 +765,10 @@ class Simulator:
             return "missing", None
         if truth is None:
             return "unverified", None
-        expected = _expected_outcome(truth.get(tx.id))
+        entry = truth.get(tx.id)
+        if not _is_settled(entry):
+            return "unsettled", None
+        expected = _expected_outcome(entry)
         return ("correct" if tx.finals[0] == expected else "wrong"), expected
 
     def _report(
@@ -717,6 +784,7 @@ class Simulator:
             seed=self.seed,
             time_scale=cfg.time_scale,
             duration_s=duration,
+            settle_wait_s=self._settle_wait,
             requests_sent=count.requests,
             repeats_concurrent=count.repeats_concurrent,
             repeats_late=count.repeats_late,
@@ -856,6 +924,7 @@ def render_summary(report: SimulationReport) -> Table:
         ("missing", bad(report.missing)),
         ("conflicting", bad(report.conflicting)),
         ("unverified", bad(report.unverified)),
+        ("unsettled", bad(report.unsettled)),
         (
             "first answer p50 / p99",
             " / ".join(
@@ -881,7 +950,11 @@ def render_summary(report: SimulationReport) -> Table:
             f"peak {_fmt(report.checks_peak_per_second, '/s')}",
         ),
         ("blocks", bad(report.blocks)),
-        ("duration", _fmt(report.duration_s, "s", 2)),
+        (
+            "duration",
+            f"{_fmt(report.duration_s, 's', 2)} "
+            f"({_fmt(report.settle_wait_s, 's', 2)} waiting for the partner to settle)",
+        ),
     ]
     for name, value in rows:
         table.add_row(name, value)
@@ -932,6 +1005,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--prefer-wait", type=float, default=None, metavar="S", help="send Prefer: wait=S")
     add("--json", dest="json_path", type=Path, default=None, metavar="PATH", help="write report")
     add("--no-progress", action="store_true", help="no live progress bar")
+    add(
+        "--allow-remote",
+        action="store_true",
+        help="allow non-loopback URLs and listen address (e.g. between containers)",
+    )
 
 
 def config_from_args(ns: argparse.Namespace) -> SimulatorConfig:
@@ -954,6 +1032,7 @@ def config_from_args(ns: argparse.Namespace) -> SimulatorConfig:
         listen_port=port,
         push_shape=ns.push_shape,
         prefer_wait=ns.prefer_wait,
+        allow_remote=ns.allow_remote,
     )
 
 

@@ -1,0 +1,1 @@
+"""Runnable examples (importable, so that tests can import them)."""

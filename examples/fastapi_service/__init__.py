@@ -1,0 +1,1 @@
+"""The example payout service: :func:`resilient_payout.fastapi.create_app` configured from RP_*."""

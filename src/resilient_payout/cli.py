@@ -1,0 +1,801 @@
+"""The ``resilient-payout`` command: ``serve``, ``mock-partner``, ``simulate`` and ``demo``.
+
+``demo`` (what ``make demo`` runs) starts the mock partner and the example service as separate
+processes, plays the mobile app against them with the simulator, prints the graded summary and
+stops everything it started. See ``docs/demo.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import functools
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .fastapi import ServiceSettings
+    from .testing.mock_partner import MockPartnerConfig
+    from .testing.simulator import SimulationReport, SimulatorConfig
+
+__all__ = ["build_parser", "main", "partner_config", "serve_settings"]
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_PARTNER_PORT = 3000
+DEFAULT_CLIENT_PORT = 3100
+DEFAULT_SERVICE_PORT = 3200
+
+EXIT_OK, EXIT_NOT_OK, EXIT_SETUP, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+_READY_TIMEOUT_S = 30.0
+_DEMO_DEADLINE = 600.0
+"""Scenario seconds the demo's app waits for a payout's outcome. The service's slowest correct
+path is two POSTs that both time out, each followed by its late-arrival window and a confirming
+check (about 2 x (150 + 2) s by the default policy), which the simulator's 300 s would cut short."""
+_STOP_TIMEOUT_S = 5
+_LOG_TAIL_LINES = 15
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+_SERVE_ENV = {
+    "host": "RP_HOST",
+    "port": "RP_PORT",
+    "storage": "RP_STORAGE_URL",
+    "partner_url": "RP_PARTNER_URL",
+    "public_url": "RP_PUBLIC_URL",
+    "client_url": "RP_CLIENT_URL",
+    "push_body": "RP_PUSH_BODY",
+    "time_scale": "RP_TIME_SCALE",
+    "check_rate": "RP_CHECK_RATE",
+    "check_burst": "RP_CHECK_BURST",
+    "max_wait": "RP_MAX_WAIT",
+}
+"""``serve`` flag (dest) -> the variable ``ServiceSettings.from_env()`` reads it from."""
+
+
+# -- argument types -------------------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65_535:
+        raise argparse.ArgumentTypeError(f"port must be within 1-65535, got {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _seed(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; each subcommand sets ``handler`` to the function that runs it."""
+    parser = argparse.ArgumentParser(
+        prog="resilient-payout",
+        description="Payouts through an unreliable partner: service, mock partner, simulator.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub)
+    _add_mock_partner(sub)
+    _add_simulate(sub)
+    _add_demo(sub)
+    _add_simulate_reconciliation(sub)
+    return parser
+
+
+def _add_simulate_reconciliation(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .testing.reconciliation import add_arguments, run_from_args
+
+    p = sub.add_parser(
+        "simulate-reconciliation",
+        help="virtual-time simulation of status checks under a budget (docs/reconciliation.md)",
+        description="Simulate the reconciliation scheduler against a rate-limited partner on "
+        "virtual time; prints the figures and writes JSON.",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=run_from_args)
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the example payout service (FastAPI + uvicorn)",
+        description="Run the example service. Settings come from RP_* environment variables "
+        "(ServiceSettings.from_env()); each flag given overrides its variable.",
+    )
+    add = p.add_argument
+    add("--host", help="listen address (RP_HOST)")
+    add("--port", type=_port, help="listen port (RP_PORT)")
+    add("--storage", metavar="URL", help="storage URL (RP_STORAGE_URL), e.g. sqlite:///payouts.db")
+    add("--partner-url", metavar="URL", help="the partner's base URL (RP_PARTNER_URL)")
+    add("--public-url", metavar="URL", help="our URL as the partner reaches it (RP_PUBLIC_URL)")
+    add(
+        "--client-url", metavar="URL", help="the app backend outcomes are pushed to (RP_CLIENT_URL)"
+    )
+    add("--push-body", choices=("flat", "nested"), help="push body shape (RP_PUSH_BODY)")
+    add("--time-scale", type=_positive, metavar="S", help="multiplies every duration")
+    add("--check-rate", type=_positive, metavar="R", help="status checks per second")
+    add("--check-burst", type=int, metavar="N", help="status check burst")
+    add("--max-wait", type=float, metavar="S", help="longest GET ?wait= honoured (RP_MAX_WAIT)")
+    add("--log-level", choices=_LOG_LEVELS, default="info")
+    add("--access-log", action="store_true", help="log every request")
+    p.set_defaults(handler=_cmd_serve)
+
+
+def _partner_fields() -> list[dataclasses.Field[Any]]:
+    from .testing.mock_partner import MockPartnerConfig
+
+    return [
+        f for f in dataclasses.fields(MockPartnerConfig) if f.name not in ("seed", "time_scale")
+    ]
+
+
+def _add_mock_partner(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "mock-partner",
+        help="run the mock payment partner",
+        description="Serve the mock partner (docs/mock-partner.md) until Ctrl-C.",
+    )
+    add = p.add_argument
+    add("--host", default=LOOPBACK, help="listen address (default: %(default)s)")
+    add("--port", type=_port, default=DEFAULT_PARTNER_PORT, help="(default: %(default)s)")
+    add("--seed", type=_seed, default=0, help="int or str; same seed, same outcomes")
+    add("--time-scale", type=_positive, default=1.0, metavar="S", help="multiplies every duration")
+    add("--log-level", choices=_LOG_LEVELS, default="info")
+    behaviour = p.add_argument_group(
+        "behaviour", "MockPartnerConfig fields; durations in unscaled seconds"
+    )
+    for f in _partner_fields():
+        is_int = isinstance(f.default, int) and not isinstance(f.default, bool)
+        behaviour.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=int if is_int else float,
+            default=None,
+            metavar="P" if f.name.startswith("p_") else "N" if is_int else "S",
+            help=f"default: {f.default:.4g}",
+        )
+    p.set_defaults(handler=_cmd_mock_partner)
+
+
+def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="play the mobile app against a running service and grade every outcome",
+        description="Play the mobile app against a service and the mock partner "
+        "(docs/simulator.md). Exit 0 if every outcome is correct, 1 if not, 2 on a setup error.",
+    )
+    try:
+        from .testing.simulator import add_arguments
+    except ImportError as exc:  # starlette comes with the 'testing' or 'server' extra
+        p.set_defaults(handler=functools.partial(_missing_extra, "simulate", exc))
+        return
+    add_arguments(p)
+    p.set_defaults(handler=_cmd_simulate)
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="mock partner + example service + simulated app; prints a graded summary",
+        description="Start the mock partner and the example service as subprocesses, run the "
+        "simulator against them, print the summary and stop everything. Exit 0 if every outcome "
+        "is correct with no double payment and no block, 1 if not, 2 on a setup error "
+        "(bad option, port in use, a process that did not start), 130 if interrupted.",
+    )
+    add = p.add_argument
+    add(
+        "--time-scale",
+        type=_positive,
+        default=0.05,
+        metavar="S",
+        help="multiplies every duration of partner, service and app; 1 = real partner time "
+        "(default: %(default)s)",
+    )
+    add("-n", "--count", dest="n", type=int, default=200, help="payouts (default: %(default)s)")
+    add("--rate", type=_positive, default=10.0, help="payouts per scenario second (default: 10)")
+    add(
+        "--storage",
+        metavar="URL",
+        help="the service's storage (default: a fresh SQLite file WORKDIR/demo.db)",
+    )
+    add("--seed", type=int, default=None, help="fixes partner outcomes and app repeats")
+    add(
+        "--deadline",
+        type=_positive,
+        default=_DEMO_DEADLINE,
+        metavar="S",
+        help="scenario seconds to wait for each payout's outcome (default: %(default)g)",
+    )
+    add("--json", dest="json_path", type=Path, metavar="PATH", help="also write the report")
+    add("--keep-logs", action="store_true", help="keep earlier logs (renamed) instead of replacing")
+    add(
+        "--push-body",
+        choices=("flat", "nested"),
+        default="flat",
+        help="shape of the service's pushes, enforced by the app (default: %(default)s)",
+    )
+    add(
+        "--partner-port",
+        type=_port,
+        default=DEFAULT_PARTNER_PORT,
+        metavar="PORT",
+        help="mock partner (default: %(default)s)",
+    )
+    add(
+        "--service-port",
+        type=_port,
+        default=DEFAULT_SERVICE_PORT,
+        metavar="PORT",
+        help="example service (default: %(default)s)",
+    )
+    add(
+        "--client-port",
+        type=_port,
+        default=DEFAULT_CLIENT_PORT,
+        metavar="PORT",
+        help="app backend (simulator) (default: %(default)s)",
+    )
+    add(
+        "--workdir",
+        type=Path,
+        default=Path(".demo"),
+        metavar="DIR",
+        help="logs and the default database (default: .demo)",
+    )
+    add("--no-progress", action="store_true", help="no live progress bar")
+    p.set_defaults(handler=_cmd_demo)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_SETUP
+    handler: Callable[[argparse.Namespace], int] = ns.handler
+    try:
+        return handler(ns)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _error(message: str) -> None:
+    print(f"resilient-payout: {message}", file=sys.stderr)
+
+
+def _missing_extra(command: str, exc: ImportError, ns: argparse.Namespace) -> int:
+    _error(f"{command} needs an optional dependency ({exc}); install resilient-payout[example]")
+    return EXIT_SETUP
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, so a busy port is an ``OSError`` here, not a server's ``sys.exit``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family)
+    # create_server's socket does not say it is TCP, so asyncio would leave Nagle on for the
+    # connections it accepts: ~40 ms added to every small response.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _port_free(host: str, port: int) -> bool:
+    try:
+        _listen(host, port).close()
+    except OSError:
+        return False
+    return True
+
+
+def _bind_problem(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is already in use on {host}"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
+@contextlib.contextmanager
+def _environ(overrides: Mapping[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+def serve_settings(
+    ns: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ServiceSettings:
+    """The ``ServiceSettings`` for ``serve`` options: ``environ`` (default ``os.environ``) with
+    each flag given replacing its variable. ``ValueError`` if invalid."""
+    from .fastapi import ServiceSettings
+
+    # Flags are read as their variables, so from_env() stays the one place that parses settings.
+    env = dict(os.environ if environ is None else environ)
+    for dest, var in _SERVE_ENV.items():
+        value = getattr(ns, dest)
+        if value is not None:
+            env[var] = str(value)
+    return ServiceSettings.from_env(env)
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .fastapi import create_app
+    except ImportError as exc:
+        return _missing_extra("serve", exc, ns)
+    try:
+        settings = serve_settings(ns)
+        app = create_app(settings)
+    except ValueError as exc:  # pydantic's ValidationError included
+        _error(f"serve: {exc}")
+        return EXIT_SETUP
+    host, port = str(settings.host), int(settings.port)
+    try:
+        sock = _listen(host, port)
+    except OSError as exc:
+        _error(f"serve: {_bind_problem(host, port, exc)}")
+        return EXIT_SETUP
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            lifespan="on",
+            log_level=ns.log_level,
+            log_config=_log_config(ns.log_level),
+            access_log=ns.access_log,
+            timeout_graceful_shutdown=_STOP_TIMEOUT_S,
+        )
+    )
+    with sock:
+        server.run(sockets=[sock])
+    if not server.started:
+        _error("serve: the service failed to start (see the log above)")
+        return EXIT_NOT_OK
+    return EXIT_OK
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging config, with the library's loggers on uvicorn's handler and format."""
+    import uvicorn.config
+
+    base = uvicorn.config.LOGGING_CONFIG
+    library = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return {**base, "loggers": {**base["loggers"], "resilient_payout": library}}
+
+
+# -- mock-partner ---------------------------------------------------------------------------
+
+
+def partner_config(ns: argparse.Namespace) -> MockPartnerConfig:
+    """The ``MockPartnerConfig`` for ``mock-partner`` options (``ValueError``/``TypeError``)."""
+    from .testing.mock_partner import MockPartnerConfig
+
+    given = {f.name: getattr(ns, f.name) for f in _partner_fields()}
+    knobs = {name: value for name, value in given.items() if value is not None}
+    return MockPartnerConfig(seed=ns.seed, time_scale=ns.time_scale, **knobs)
+
+
+def _cmd_mock_partner(ns: argparse.Namespace) -> int:
+    import anyio
+
+    from .testing.mock_partner import serve_mock_partner
+
+    try:
+        config = partner_config(ns)
+    except (TypeError, ValueError) as exc:
+        _error(f"mock-partner: {exc}")
+        return EXIT_SETUP
+    try:
+        _listen(ns.host, ns.port).close()
+    except OSError as exc:  # uvicorn would only log it and exit
+        _error(f"mock-partner: {_bind_problem(ns.host, ns.port, exc)}")
+        return EXIT_SETUP
+    serve = functools.partial(serve_mock_partner, config, ns.host, ns.port, log_level=ns.log_level)
+    try:
+        anyio.run(serve)
+    except RuntimeError as exc:
+        _error(f"mock-partner: {exc}")
+        return EXIT_SETUP
+    return EXIT_OK
+
+
+# -- simulate -------------------------------------------------------------------------------
+
+
+def _cmd_simulate(ns: argparse.Namespace) -> int:
+    from .testing.simulator import run_from_args
+
+    return run_from_args(ns)
+
+
+# -- demo -----------------------------------------------------------------------------------
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP during a demo. A KeyboardInterrupt, because asyncio lets only that and
+    SystemExit out of a running loop instead of logging them: the demo must reach its cleanup."""
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    ready_url: str
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send SIGTERM to the child when the demo dies.
+
+    The demo stops its children itself, even on Ctrl-C or SIGTERM; this covers SIGKILL (a test
+    timeout, an OOM kill), which no cleanup code survives. (A ``preexec_fn`` is unsafe with
+    threads; the demo starts its children before it starts any.)
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the demo died before prctl: nobody would stop us
+            os._exit(1)
+
+    return hook
+
+
+def _spawn(name: str, args: list[str], log: Path, ready_url: str, env: Mapping[str, str]) -> _Child:
+    command = [sys.executable, "-m", "resilient_payout.cli", *args]
+    with log.open("ab") as out:
+        out.write(f"$ {' '.join(command)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            # Its own process group: Ctrl-C reaches only the demo, which then stops the children
+            # itself, and a stop signal reaches everything the child may have started.
+            start_new_session=True,
+            preexec_fn=_die_with_parent_hook(),
+        )
+    return _Child(name, proc, log, ready_url)
+
+
+def _signal_group(child: _Child, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.proc.pid, sig)
+
+
+def _stop(children: Sequence[_Child], console: Console) -> None:
+    """SIGTERM every child's process group, then SIGKILL those still running after a timeout."""
+    running = [c for c in children if c.proc.poll() is None]
+    for child in running:
+        _signal_group(child, signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    for child in running:
+        try:
+            child.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            console.print(f"[yellow]{child.name} did not stop in {_STOP_TIMEOUT_S:g} s: killed[/]")
+            _signal_group(child, signal.SIGKILL)
+            child.proc.wait()
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+def _wait_ready(children: Sequence[_Child], console: Console) -> bool:
+    """Poll each child's readiness URL (bounded); False, with its log's tail, if one fails."""
+    import httpx
+
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    with httpx.Client(timeout=1.0, trust_env=False) as http:
+        for child in children:
+            while True:
+                code = child.proc.poll()
+                if code is not None:
+                    problem = f"{child.name} exited with status {code} while starting"
+                    break
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get(child.ready_url).status_code == 200:
+                        problem = ""
+                        break
+                if time.monotonic() >= deadline:
+                    problem = f"{child.name} not ready after {_READY_TIMEOUT_S:g} s"
+                    break
+                time.sleep(0.1)
+            if problem:
+                console.print(f"[red]demo: {problem}; the end of {child.log}:[/]", soft_wrap=True)
+                console.print(_log_tail(child.log), markup=False, highlight=False, soft_wrap=True)
+                return False
+    return True
+
+
+def _prepare_logs(workdir: Path, names: Sequence[str], keep: bool) -> list[Path]:
+    logs = []
+    for name in names:
+        log = workdir / f"{name}.log"
+        if keep and log.exists():
+            stamp = datetime.fromtimestamp(log.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+            target, n = workdir / f"{name}.{stamp}.log", 1
+            while target.exists():
+                n += 1
+                target = workdir / f"{name}.{stamp}-{n}.log"
+            log.rename(target)
+        log.write_bytes(b"")
+        logs.append(log)
+    return logs
+
+
+def _redact(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _fresh_sqlite(workdir: Path) -> str:
+    """The URL of an empty SQLite file in ``workdir`` (the last demo's file is deleted)."""
+    db = workdir / "demo.db"
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    return f"sqlite:///{db}"
+
+
+def _demo_config(ns: argparse.Namespace, seed: int) -> SimulatorConfig | str:
+    """The simulator's config, or why the options are refused."""
+    from .testing.simulator import SimulatorConfig
+
+    ports = {
+        "--partner-port": ns.partner_port,
+        "--service-port": ns.service_port,
+        "--client-port": ns.client_port,
+    }
+    if len(set(ports.values())) < len(ports):
+        return "--partner-port, --service-port and --client-port must differ"
+    if ns.storage is not None and "://" not in ns.storage:
+        return f"--storage must be a URL such as sqlite:///path.db, got {ns.storage!r}"
+    try:
+        return SimulatorConfig(
+            api_url=f"http://{LOOPBACK}:{ns.service_port}",
+            partner_url=f"http://{LOOPBACK}:{ns.partner_port}",
+            n=ns.n,
+            rate=ns.rate,
+            seed=seed,
+            time_scale=ns.time_scale,
+            listen_host=LOOPBACK,
+            listen_port=ns.client_port,
+            push_shape=ns.push_body,
+            deadline=ns.deadline,
+        )
+    except ValueError as exc:
+        return str(exc)
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    started = time.monotonic()
+    console = Console(highlight=False)
+    seed = ns.seed if ns.seed is not None else random.SystemRandom().randrange(1_000_000)
+    config = _demo_config(ns, seed)
+    if isinstance(config, str):
+        _error(f"demo: {config}")
+        return EXIT_SETUP
+    busy = [
+        f"port {port} ({what})"
+        for what, port in (
+            ("mock partner, --partner-port", ns.partner_port),
+            ("example service, --service-port", ns.service_port),
+            ("app backend, --client-port", ns.client_port),
+        )
+        if not _port_free(LOOPBACK, port)
+    ]
+    if busy:
+        _error(f"demo: already in use on {LOOPBACK}: {', '.join(busy)}")
+        return EXIT_SETUP
+    workdir: Path = ns.workdir
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        partner_log, service_log = _prepare_logs(workdir, ("partner", "service"), ns.keep_logs)
+        storage = ns.storage if ns.storage is not None else _fresh_sqlite(workdir)
+    except OSError as exc:
+        _error(f"demo: cannot prepare {workdir}: {exc}")
+        return EXIT_SETUP
+    partner_url, service_url = config.partner_url, config.api_url
+    console.print(
+        f"[bold]resilient-payout demo[/]: {config.n} payouts at {config.rate:g}/s, "
+        f"time scale {config.time_scale:g}, seed {seed}\n"
+        f"  mock partner     {partner_url}  log {partner_log}\n"
+        f"  example service  {service_url}  log {service_log}\n"
+        f"                   storage {_redact(storage)}\n"
+        f"  app backend      http://{LOOPBACK}:{config.listen_port}  (the simulator, this process)"
+    )
+    scale = f"{config.time_scale:g}"
+    # The storage URL goes by environment, not argv: it may hold a password, and argv is public.
+    env = {
+        **os.environ,
+        **_no_proxy_for_loopback(),
+        "PYTHONUNBUFFERED": "1",
+        "RP_STORAGE_URL": storage,
+    }
+    children: list[_Child] = []
+    previous = _install_stop_signals()
+    try:
+        partner_ready, service_ready = f"{partner_url}/_mock/stats", f"{service_url}/healthz"
+        partner_args = ["--host", LOOPBACK, "--port", str(ns.partner_port), "--seed", str(seed)]
+        service_args = [
+            *("--host", LOOPBACK, "--port", str(ns.service_port)),
+            *("--partner-url", partner_url, "--public-url", service_url),
+            *("--client-url", f"http://{LOOPBACK}:{ns.client_port}", "--push-body", ns.push_body),
+        ]
+        for name, args, log, ready_url in (
+            ("mock partner", ["mock-partner", *partner_args], partner_log, partner_ready),
+            ("example service", ["serve", *service_args], service_log, service_ready),
+        ):
+            # Appended at once: from here on, the finally below stops the child whatever happens.
+            children.append(_spawn(name, [*args, "--time-scale", scale], log, ready_url, env))
+        if not _wait_ready(children, console):
+            return EXIT_SETUP
+        with _environ(_no_proxy_for_loopback()):
+            report = _simulate(config, progress=not ns.no_progress, console=console)
+        if report is None:
+            return EXIT_SETUP
+        return _finish(report, children, ns.json_path, started, console)
+    except _Terminated:
+        console.print("[red]demo: terminated; stopping[/]")
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        console.print("[red]demo: interrupted; stopping[/]")
+        return EXIT_INTERRUPTED
+    finally:
+        # Stopping is bounded (terminate, then kill after a timeout): a second Ctrl-C must not
+        # cut it short and leave the children running.
+        _ignore_signals(previous)
+        try:
+            _stop(children, console)
+        finally:
+            _restore_signals(previous)
+        console.print(f"logs: {partner_log}, {service_log}")
+
+
+def _simulate(
+    config: SimulatorConfig, *, progress: bool, console: Console
+) -> SimulationReport | None:
+    import anyio
+
+    from .testing.simulator import Simulator
+
+    try:
+        return anyio.run(Simulator(config).run, progress)
+    except OSError as exc:  # the receiver's port was taken since we checked
+        console.print(f"[red]demo: app backend port {config.listen_port}: {exc.strerror or exc}[/]")
+        return None
+
+
+def _finish(
+    report: SimulationReport,
+    children: Sequence[_Child],
+    json_path: Path | None,
+    started: float,
+    console: Console,
+) -> int:
+    from .testing.simulator import render_summary, write_json
+
+    console.print(render_summary(report))
+    if json_path is not None:
+        try:
+            write_json(report, json_path)
+        except OSError as exc:
+            console.print(f"[red]demo: cannot write the report: {exc}[/]")
+        else:
+            console.print(f"report: {json_path}")
+    # A process that died during the run makes the demo fail even if the grades look fine.
+    crashed = [c for c in children if c.proc.poll() is not None]
+    for child in crashed:
+        console.print(f"[red]{child.name} exited early with status {child.proc.returncode}[/]")
+    ok = report.ok and not crashed
+    verdict = "[bold green]OK[/]" if ok else "[bold red]NOT OK[/]"
+    console.print(f"demo {verdict} in {time.monotonic() - started:.1f} s")
+    return EXIT_OK if ok else EXIT_NOT_OK
+
+
+_Handlers = dict[signal.Signals, Any]
+
+
+def _install_stop_signals() -> _Handlers:
+    """Make SIGTERM and SIGHUP raise :class:`_Terminated`; returns every handler to restore."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous: _Handlers = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous  # only the main thread may set handlers; its owner handles signals
+    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _ignore_signals(previous: _Handlers) -> None:
+    for sig in previous:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _restore_signals(previous: _Handlers) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _no_proxy_for_loopback() -> dict[str, str]:
+    """NO_PROXY with 127.0.0.1 added: the demo talks only to this machine, never via a proxy."""
+    current = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
+    value = ",".join(filter(None, [current, LOOPBACK, "localhost"]))
+    return {"NO_PROXY": value, "no_proxy": value}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,566 @@
+"""PostgreSQL storage (``postgresql://...``): one database shared by any number of instances.
+
+Built on asyncpg, because it is the fastest asyncio PostgreSQL driver, speaks the binary
+protocol with native prepared statements (each statement is prepared once per connection and
+cached, so a hot path costs one round trip), and is already this project's dev dependency.
+
+Every decision is one SQL statement, so PostgreSQL's row locks decide every race:
+
+- creation is ``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING``;
+- a compare-and-set is ``UPDATE ... WHERE id = $1 AND version = $2 RETURNING``, with the outbox
+  ``INSERT ... ON CONFLICT DO NOTHING`` in the same statement (a data-modifying ``WITH``), hence
+  in the same transaction;
+- a claim is ``WITH due AS MATERIALIZED (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED) UPDATE ...
+  FROM due RETURNING``, so concurrent claimers step over each other's rows instead of queueing
+  behind them.
+
+The schema is versioned: :data:`MIGRATIONS` is a list of SQL steps, recorded in a
+``schema_migrations`` table and applied by :meth:`PostgresStorage.open` (or
+:meth:`PostgresStorage.migrate`) under ``pg_advisory_xact_lock``, so instances starting together
+migrate exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any, Final, TypeAlias
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import anyio
+import asyncpg
+
+from .._errors import StorageError, StorageUnavailable
+from .._model import OutboxEntry, Payout, PayoutStatus
+
+__all__ = ["MIGRATIONS", "PostgresStorage"]
+
+log = logging.getLogger("resilient_payout.storage")
+
+_Conn: TypeAlias = (
+    "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+)
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+# Final statuses as SQL literals (constants of our own enum), so that the planner can match the
+# partial index's predicate; a parameter would hide it.
+_FINAL_SQL: Final = ", ".join(f"'{s.value}'" for s in PayoutStatus if s.is_final)
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: ids sort byte-wise (COLLATE "C") like Python strings, so ties in due time are broken
+    # the same way on every backend. `doc` is `json`, not `jsonb`: it keeps the text exactly as
+    # written (float spelling, \u0000), and cast to jsonb it is still queryable by hand.
+    f"""
+    CREATE TABLE {{s}}.payouts (
+        id            text COLLATE "C" PRIMARY KEY,
+        version       bigint NOT NULL,
+        status        text NOT NULL,
+        next_check_at double precision,
+        lease_owner   text,
+        lease_until   double precision,
+        doc           json NOT NULL
+    );
+    CREATE INDEX payouts_due ON {{s}}.payouts (next_check_at, id)
+        WHERE next_check_at IS NOT NULL AND status NOT IN ({_FINAL_SQL});
+    CREATE INDEX payouts_status ON {{s}}.payouts (status);
+    CREATE TABLE {{s}}.outbox (
+        payout_id       text COLLATE "C" PRIMARY KEY,
+        status          text NOT NULL,
+        created_at      double precision NOT NULL,
+        next_attempt_at double precision NOT NULL,
+        attempts        integer NOT NULL DEFAULT 0,
+        delivered_at    double precision,
+        last_error      text,
+        lease_owner     text,
+        lease_until     double precision
+    );
+    CREATE INDEX outbox_due ON {{s}}.outbox (next_attempt_at, payout_id)
+        WHERE delivered_at IS NULL;
+    """,
+)
+"""The schema, step by step: step ``i`` (1-based) takes the schema from version ``i - 1`` to
+``i``. Only ever append; ``{s}`` is the quoted schema name."""
+
+_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS {s}.schema_migrations (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+_HAS_MIGRATIONS_TABLE = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_catalog.pg_class c
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = $1 AND c.relname = 'schema_migrations'
+)
+"""
+
+_CREATE = """
+INSERT INTO {s}.payouts (id, version, status, next_check_at, doc) VALUES ($1, 1, $2, $3, $4)
+ON CONFLICT (id) DO NOTHING
+RETURNING version
+"""
+
+_GET = "SELECT version, doc FROM {s}.payouts WHERE id = $1"
+
+_CAS = """
+UPDATE {s}.payouts
+SET version = version + 1, status = $3, next_check_at = $4, doc = $5,
+    lease_owner = NULL, lease_until = NULL
+WHERE id = $1 AND version = $2
+RETURNING version
+"""
+
+# One statement, so one transaction: the outbox row exists iff the update happened.
+_CAS_WITH_OUTBOX = """
+WITH changed AS (
+    UPDATE {s}.payouts
+    SET version = version + 1, status = $3, next_check_at = $4, doc = $5,
+        lease_owner = NULL, lease_until = NULL
+    WHERE id = $1 AND version = $2
+    RETURNING id, version
+), queued AS (
+    INSERT INTO {s}.outbox
+        (payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error)
+    SELECT id, $6::text, $7::float8, $8::float8, $9::integer, $10::float8, $11::text
+    FROM changed
+    ON CONFLICT (payout_id) DO NOTHING
+)
+SELECT version FROM changed
+"""
+
+# The candidates are a MATERIALIZED CTE so they are selected (and locked) exactly once; a
+# subquery under IN may be re-run by some plans and then claim more than `limit` rows. Rows that
+# another claimer changed after our snapshot are re-checked on locking and dropped.
+_CLAIM_DUE = f"""
+WITH due AS MATERIALIZED (
+    SELECT id FROM {{s}}.payouts
+    WHERE next_check_at <= $3 AND status NOT IN ({_FINAL_SQL})
+      AND (lease_until IS NULL OR lease_until <= $3)
+    ORDER BY next_check_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {{s}}.payouts AS p
+SET version = p.version + 1, lease_owner = $1, lease_until = $2
+FROM due
+WHERE p.id = due.id
+RETURNING p.version, p.doc, p.next_check_at, p.id
+"""  # noqa: S608 -- constants and placeholders only
+
+_NEXT_DUE = f"""
+SELECT min(next_check_at) FROM {{s}}.payouts
+WHERE next_check_at IS NOT NULL AND status NOT IN ({_FINAL_SQL})
+"""  # noqa: S608 -- constants and placeholders only
+
+_OUTBOX_COLUMNS = (
+    "payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error"
+)
+_OUTBOX_RETURNING = ", ".join(f"o.{c}" for c in _OUTBOX_COLUMNS.split(", "))
+
+# The lease end doubles as the next attempt, so a dead claimer's entry comes back by itself.
+_CLAIM_OUTBOX = f"""
+WITH due AS MATERIALIZED (
+    SELECT payout_id FROM {{s}}.outbox
+    WHERE delivered_at IS NULL AND next_attempt_at <= $3
+      AND (lease_until IS NULL OR lease_until <= $3)
+    ORDER BY next_attempt_at, payout_id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {{s}}.outbox AS o
+SET lease_owner = $1, lease_until = $2, next_attempt_at = $2
+FROM due
+WHERE o.payout_id = due.payout_id
+RETURNING {_OUTBOX_RETURNING}
+"""  # noqa: S608 -- constants and placeholders only
+
+_GET_OUTBOX = f"SELECT {_OUTBOX_COLUMNS} FROM {{s}}.outbox WHERE payout_id = $1"  # noqa: S608
+
+_ACK_OUTBOX = """
+UPDATE {s}.outbox SET delivered_at = $2, lease_owner = NULL, lease_until = NULL
+WHERE payout_id = $1 AND delivered_at IS NULL
+"""
+
+_RETRY_OUTBOX = """
+UPDATE {s}.outbox
+SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3,
+    lease_owner = NULL, lease_until = NULL
+WHERE payout_id = $1 AND delivered_at IS NULL
+"""
+
+_COUNT = "SELECT status, count(*) FROM {s}.payouts GROUP BY status"
+
+# Errors that mean "not now": the server is unreachable, restarting, overloaded, or dropped our
+# connection, or the statement timed out. Anything else from PostgreSQL is a plain StorageError.
+_UNAVAILABLE: Final = (
+    OSError,  # includes TimeoutError and refused connections
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+# The connection died under the statement; the pool replaces it. asyncpg raises
+# InternalClientError for a pooled connection that read the server's goodbye (FATAL 57P01) but
+# has not noticed the closed socket yet.
+_CONNECTION_LOST: Final = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InternalClientError,
+    ConnectionError,
+)
+
+
+def _encode(payout: Payout) -> str:
+    d = payout.to_dict()
+    del d["version"]  # the column is authoritative: claims bump it in SQL
+    return json.dumps(d, separators=(",", ":"))
+
+
+def _decode(version: int, doc: str) -> Payout:
+    d = json.loads(doc)
+    d["version"] = version
+    return Payout.from_dict(d)
+
+
+def _outbox_from_row(row: asyncpg.Record) -> OutboxEntry:
+    payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error = tuple(row)
+    return OutboxEntry(
+        payout_id=payout_id,
+        status=PayoutStatus(status),
+        created_at=created_at,
+        next_attempt_at=next_attempt_at,
+        attempts=attempts,
+        delivered_at=delivered_at,
+        last_error=last_error,
+    )
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except _UNAVAILABLE as exc:
+        raise StorageUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StorageError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+
+
+def _lock_key(schema: str) -> int:
+    """A stable signed 64-bit advisory-lock key for migrating ``schema``."""
+    digest = hashlib.blake2b(f"resilient_payout:migrate:{schema}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def _redacted(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class PostgresStorage:
+    """The :class:`~resilient_payout.storage.Storage` contract on a PostgreSQL schema.
+
+    ``dsn`` is anything asyncpg accepts (``postgresql://user:pw@host:5432/db?sslmode=require``).
+    All tables live in ``schema`` (created if missing), so several deployments can share a
+    database. Each object keeps a pool of ``pool_min`` to ``pool_max`` connections; concurrent
+    operations of one object run on separate connections. ``connect_timeout`` bounds each
+    connection attempt and ``command_timeout`` each statement; either running out raises
+    :class:`~resilient_payout.StorageUnavailable`, as does an unreachable or restarting server.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "resilient_payout",
+        pool_min: int = 1,
+        pool_max: int = 10,
+        connect_timeout: float = 10.0,
+        command_timeout: float | None = 30.0,
+    ) -> None:
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(
+                f"invalid PostgreSQL schema name {schema!r} (letters, digits, _; at most 63)"
+            )
+        if not 0 <= pool_min <= pool_max or pool_max < 1:
+            raise ValueError("need 0 <= pool_min <= pool_max and pool_max >= 1")
+        self._dsn = dsn
+        self._schema = schema
+        self._pool_min = pool_min
+        self._pool_max = pool_max
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._lock = anyio.Lock()
+        q = f'"{schema}"'  # validated above: nothing to escape
+        self._sql = {
+            name: sql.format(s=q)
+            for name, sql in {
+                "create": _CREATE,
+                "get": _GET,
+                "cas": _CAS,
+                "cas_outbox": _CAS_WITH_OUTBOX,
+                "claim_due": _CLAIM_DUE,
+                "next_due": _NEXT_DUE,
+                "claim_outbox": _CLAIM_OUTBOX,
+                "get_outbox": _GET_OUTBOX,
+                "ack_outbox": _ACK_OUTBOX,
+                "retry_outbox": _RETRY_OUTBOX,
+                "count": _COUNT,
+                "migrations_table": _MIGRATIONS_TABLE,
+            }.items()
+        }
+        self._migrations = [m.format(s=q) for m in MIGRATIONS]
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStorage:
+        """``postgresql://`` or ``postgres://`` URLs; options ``?schema=``, ``?pool_min=``,
+        ``?pool_max=``. Other query parameters go to asyncpg (``sslmode``,
+        ``application_name``...)."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("postgresql", "postgres") or not parts.netloc:
+            raise ValueError(
+                f"not a PostgreSQL URL: {url!r} (use postgresql://user@host:5432/database)"
+            )
+        ours: dict[str, str] = {}
+        passed: list[tuple[str, str]] = []
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key in ("schema", "pool_min", "pool_max"):
+                ours[key] = value
+            else:
+                passed.append((key, value))
+        dsn = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(passed)))
+        try:
+            pool_min = int(ours.get("pool_min", 1))
+            pool_max = int(ours.get("pool_max", max(10, pool_min)))
+        except ValueError:
+            raise ValueError(f"pool_min and pool_max must be integers in {url!r}") from None
+        return cls(
+            dsn,
+            schema=ours.get("schema", "resilient_payout"),
+            pool_min=pool_min,
+            pool_max=pool_max,
+        )
+
+    @property
+    def schema(self) -> str:
+        return self._schema
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage({_redacted(self._dsn)!r}, schema={self._schema!r})"
+
+    # -- connection and schema ----------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, then bring the schema up to date (see :meth:`migrate`). Idempotent."""
+        async with self._lock:
+            if self._pool is not None:
+                return
+            with _translated():
+                pool = await asyncpg.create_pool(
+                    self._dsn,
+                    min_size=self._pool_min,
+                    max_size=self._pool_max,
+                    timeout=self._connect_timeout,
+                    command_timeout=self._command_timeout,
+                )
+            try:
+                with _translated():
+                    async with pool.acquire() as conn:
+                        await self._migrate(conn)
+            except BaseException:
+                pool.terminate()
+                raise
+            self._pool = pool
+
+    async def migrate(self) -> int:
+        """Apply the missing :data:`MIGRATIONS` steps; how many it applied (0: up to date).
+
+        Safe to run from any number of processes at once: they queue on a transaction-level
+        advisory lock, and each re-reads the schema version once it holds the lock. Works with
+        the storage open or not (e.g. from a deployment script).
+        """
+        async with self._lock:
+            if self._pool is not None:
+                with _translated():
+                    async with self._pool.acquire() as conn:
+                        return await self._migrate(conn)
+        with _translated():
+            single = await asyncpg.connect(
+                self._dsn, timeout=self._connect_timeout, command_timeout=self._command_timeout
+            )
+        try:
+            return await self._migrate(single)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(*_UNAVAILABLE):
+                await single.close()
+
+    async def _version(self, conn: _Conn) -> int | None:
+        """The schema's version, or None if it has no migrations table yet."""
+        # A query on pg_class, not to_regclass(): that reads the session's catalog cache, which
+        # an advisory lock does not refresh, so it can miss a table another instance just made.
+        if not await conn.fetchval(_HAS_MIGRATIONS_TABLE, self._schema):
+            return None
+        table = f'"{self._schema}".schema_migrations'
+        found = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}")  # noqa: S608 -- a validated name
+        return int(found)
+
+    async def _migrate(self, conn: _Conn) -> int:
+        latest = len(self._migrations)
+        with _translated():
+            # Without the lock first: an up-to-date schema needs no DDL rights and no waiting.
+            if await self._version(conn) == latest:
+                return 0
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(self._schema))
+                current = await self._version(conn)
+                if current is None:
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+                    await conn.execute(self._sql["migrations_table"])
+                    current = 0
+                if current > latest:
+                    raise StorageError(
+                        f"PostgreSQL schema {self._schema!r} is at version {current}, newer than "
+                        f"this library's ({latest}); upgrade resilient-payout"
+                    )
+                for version in range(current + 1, latest + 1):
+                    await conn.execute(self._migrations[version - 1])
+                    await conn.execute(
+                        f'INSERT INTO "{self._schema}".schema_migrations (version) VALUES ($1)',  # noqa: S608
+                        version,
+                    )
+        if latest > current:
+            log.info(
+                "PostgreSQL schema %r: applied migrations %d..%d", self._schema, current + 1, latest
+            )
+        return latest - current
+
+    async def close(self) -> None:
+        """Close the pool, waiting up to 5 s for operations in flight. Idempotent."""
+        async with self._lock:
+            pool, self._pool = self._pool, None
+            if pool is None:
+                return
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(5.0), contextlib.suppress(*_UNAVAILABLE):
+                    await pool.close()
+                    return
+                pool.terminate()
+
+    def _conn(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._pool is None:
+            raise StorageError("PostgresStorage is not open: call open() first")
+        return self._pool
+
+    async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        """One statement, in its own implicit transaction; its rows.
+
+        A statement that finds its pooled connection dead (the server restarted, or an admin
+        ended the session) is sent once more on a fresh connection, after marking every pooled
+        connection for replacement. That is safe even if the
+        first try ran: a repeated create finds the record (``created=False``, as for a repeated
+        request), a repeated compare-and-set finds the version moved on (a lost race), a
+        repeated claim leaves the first claim's rows leased until their lease ends.
+        """
+        pool = self._conn()
+        for last_try in (False, True):
+            try:
+                with _translated():
+                    return await pool.fetch(self._sql[name], *args)
+            except StorageUnavailable as exc:
+                if last_try or not isinstance(exc.__cause__, _CONNECTION_LOST):
+                    raise
+                # One dead connection means the rest of the pool likely died with it.
+                await pool.expire_connections()
+        raise AssertionError("unreachable")
+
+    # -- the contract -------------------------------------------------------------------------
+
+    async def create_if_absent(self, payout: Payout) -> tuple[Payout, bool]:
+        doc = _encode(payout)
+        if await self._fetch("create", payout.id, payout.status.value, payout.next_check_at, doc):
+            return _decode(1, doc), True
+        # A separate statement, so it runs on a snapshot that includes the conflicting insert
+        # (which had to commit before ours could see the conflict). Rows are never deleted.
+        ((version, existing),) = await self._fetch("get", payout.id)
+        return _decode(version, existing), False
+
+    async def get(self, payout_id: str) -> Payout | None:
+        rows = await self._fetch("get", payout_id)
+        return _decode(*rows[0]) if rows else None
+
+    async def compare_and_set(
+        self, payout: Payout, *, expected_version: int, outbox: OutboxEntry | None = None
+    ) -> Payout | None:
+        if outbox is not None and outbox.payout_id != payout.id:
+            raise ValueError(f"outbox entry for {outbox.payout_id!r} given with {payout.id!r}")
+        doc = _encode(payout)
+        cas = (payout.id, expected_version, payout.status.value, payout.next_check_at, doc)
+        if outbox is None:
+            rows = await self._fetch("cas", *cas)
+        else:
+            rows = await self._fetch(
+                "cas_outbox",
+                *cas,
+                outbox.status.value,
+                outbox.created_at,
+                outbox.next_attempt_at,
+                outbox.attempts,
+                outbox.delivered_at,
+                outbox.last_error,
+            )
+        return _decode(rows[0][0], doc) if rows else None
+
+    async def claim_due(
+        self, now: float, *, owner: str, lease_seconds: float, limit: int
+    ) -> list[Payout]:
+        if limit <= 0:
+            return []
+        rows = await self._fetch("claim_due", owner, now + lease_seconds, now, limit)
+        rows.sort(key=lambda r: (r[2], r[3]))  # RETURNING does not keep the CTE's order
+        return [_decode(r[0], r[1]) for r in rows]
+
+    async def next_due_at(self) -> float | None:
+        rows = await self._fetch("next_due")
+        value = rows[0][0]
+        return None if value is None else float(value)
+
+    async def claim_outbox(
+        self, now: float, *, owner: str, lease_seconds: float, limit: int
+    ) -> list[OutboxEntry]:
+        if limit <= 0:
+            return []
+        rows = await self._fetch("claim_outbox", owner, now + lease_seconds, now, limit)
+        entries = [_outbox_from_row(r) for r in rows]
+        entries.sort(key=lambda e: e.payout_id)  # all share next_attempt_at == lease end
+        return entries
+
+    async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
+        await self._fetch("ack_outbox", payout_id, delivered_at)
+
+    async def retry_outbox(self, payout_id: str, *, next_attempt_at: float, error: str) -> None:
+        await self._fetch("retry_outbox", payout_id, next_attempt_at, error)
+
+    async def get_outbox(self, payout_id: str) -> OutboxEntry | None:
+        rows = await self._fetch("get_outbox", payout_id)
+        return _outbox_from_row(rows[0]) if rows else None
+
+    async def count_by_status(self) -> dict[PayoutStatus, int]:
+        counts = dict.fromkeys(PayoutStatus, 0)
+        for status, n in await self._fetch("count"):
+            counts[PayoutStatus(status)] = n
+        return counts

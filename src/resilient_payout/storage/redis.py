@@ -1,0 +1,591 @@
+"""Redis storage (``redis://...``) and a status-check budget shared through Redis.
+
+:class:`RedisStorage` makes every decision in one Lua script (create-if-absent, compare-and-set
+with its outbox entry, each claim, ack, retry), and Redis runs a script as one atomic step, so
+any number of instances may share a server. Plain reads are single commands. Needs Redis 6.2
+or newer (``ZRANGE ... BYSCORE``).
+
+Keys, all under ``prefix``: a hash per payout (``p:<id>``: version, JSON document, status,
+lease) and per outbox entry (``o:<id>``), sorted sets of due payouts (``idx:due``; split into
+``idx:ready`` and ``idx:leased`` so a claim never rescans payouts in flight), of undelivered
+entries (``idx:outbox``), and a hash of counts per status (``counts``). Scripts also touch keys
+they compute from the prefix; on Redis Cluster put a hash tag in it (``{rp}:``) so every key
+lands in one slot.
+
+redis-py retries a command after a dropped connection. That is safe here even if the first try
+did run: a repeated create finds the record (``created=False``, as for a repeat request), a
+repeated compare-and-set finds the version moved on (a lost race: the caller re-reads), and a
+repeated claim leaves the first claim's payouts leased until their lease ends.
+
+Durability is Redis's: with ``appendonly yes`` and the default ``appendfsync everysec``, a
+crash of the server can lose the last second of decisions; use ``appendfsync always`` where
+that matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import anyio
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from .._errors import StorageError, StorageUnavailable
+from .._model import OutboxEntry, Payout, PayoutStatus
+
+__all__ = ["RedisCheckBudget", "RedisStorage"]
+
+log = logging.getLogger("resilient_payout.storage")
+
+# "Not now": unreachable, loading, read-only after a failover, out of memory, cluster trouble.
+_UNAVAILABLE: Final = (
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.ReadOnlyError,
+    rex.OutOfMemoryError,
+    rex.TryAgainError,
+    rex.ClusterDownError,
+    OSError,
+)
+
+_CREATE = """
+local found = redis.call('HMGET', KEYS[1], 'v', 'doc')
+if found[1] then return {0, found[1], found[2]} end
+redis.call('HSET', KEYS[1], 'v', '1', 'doc', ARGV[4], 'status', ARGV[2])
+if ARGV[3] ~= '' and ARGV[5] == '0' then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+end
+redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
+return {1}
+"""
+
+_CAS = """
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v or tonumber(v) ~= tonumber(ARGV[2]) then return false end
+local old = redis.call('HGET', KEYS[1], 'status')
+local nv = redis.call('HINCRBY', KEYS[1], 'v', 1)
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'doc', ARGV[5])
+redis.call('HDEL', KEYS[1], 'lo', 'lu')
+redis.call('ZREM', KEYS[4], ARGV[1])
+if ARGV[4] ~= '' and ARGV[6] == '0' then
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+else
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+if old ~= ARGV[3] then
+  redis.call('HINCRBY', KEYS[5], old, -1)
+  redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
+end
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[6]) == 0 then
+  redis.call('HSET', KEYS[6], 'status', ARGV[8], 'created_at', ARGV[9], 'at', ARGV[10],
+             'attempts', ARGV[11])
+  if ARGV[12] ~= '' then
+    redis.call('HSET', KEYS[6], 'delivered_at', ARGV[12])
+  else
+    redis.call('ZADD', KEYS[7], ARGV[10], ARGV[1])
+  end
+  if ARGV[13] ~= '' then redis.call('HSET', KEYS[6], 'error', string.sub(ARGV[13], 2)) end
+end
+return nv
+"""
+
+# Expired leases first go back among the candidates (idx:ready); a candidate whose lease is
+# still running (only if `now` went back in time) goes back to idx:leased. Numbers are passed
+# on as the strings they came in: Lua would print them with 14 digits only.
+_CLAIM_DUE = """
+local now = tonumber(ARGV[1])
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], '-inf', ARGV[1], 'BYSCORE')) do
+  redis.call('ZREM', KEYS[2], id)
+  local nca = redis.call('ZSCORE', KEYS[3], id)
+  if nca then redis.call('ZADD', KEYS[1], nca, id) end
+end
+local limit = tonumber(ARGV[4])
+local out = {}
+while #out < limit do
+  local batch = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE',
+                           'LIMIT', 0, limit - #out)
+  if #batch == 0 then break end
+  for _, id in ipairs(batch) do
+    local key = ARGV[5] .. id
+    redis.call('ZREM', KEYS[1], id)
+    local lu = redis.call('HGET', key, 'lu')
+    if lu and tonumber(lu) > now then
+      redis.call('ZADD', KEYS[2], lu, id)
+    else
+      local v = redis.call('HINCRBY', key, 'v', 1)
+      redis.call('HSET', key, 'lo', ARGV[2], 'lu', ARGV[3])
+      redis.call('ZADD', KEYS[2], ARGV[3], id)
+      out[#out + 1] = {v, redis.call('HGET', key, 'doc')}
+    end
+  end
+end
+return out
+"""
+
+# The lease end becomes the next attempt, so a dead claimer's entry comes back by itself.
+_CLAIM_OUTBOX = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE',
+                               'LIMIT', 0, ARGV[4])) do
+  local key = ARGV[5] .. id
+  redis.call('HSET', key, 'at', ARGV[3], 'lo', ARGV[2], 'lu', ARGV[3])
+  redis.call('ZADD', KEYS[1], ARGV[3], id)
+  local e = redis.call('HMGET', key, 'status', 'created_at', 'at', 'attempts',
+                       'delivered_at', 'error')
+  out[#out + 1] = {id, e[1], e[2], e[3], e[4], e[5], e[6]}
+end
+return out
+"""
+
+_ACK_OUTBOX = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'delivered_at') == 1
+then return 0 end
+redis.call('HSET', KEYS[1], 'delivered_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'lo', 'lu')
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+_RETRY_OUTBOX = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'delivered_at') == 1
+then return 0 end
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'at', ARGV[2], 'error', ARGV[3])
+redis.call('HDEL', KEYS[1], 'lo', 'lu')
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
+_OUTBOX_FIELDS: Final = ("status", "created_at", "at", "attempts", "delivered_at", "error")
+
+
+def _num(value: float) -> str:
+    """A float as the exact decimal string Redis and Lua parse back to the same double."""
+    return repr(float(value))
+
+
+def _encode(payout: Payout) -> str:
+    d = payout.to_dict()
+    del d["version"]  # the hash's `v` field is authoritative: claims bump it in Lua
+    return json.dumps(d, separators=(",", ":"))
+
+
+def _decode(version: Any, doc: str | bytes) -> Payout:
+    d = json.loads(doc)
+    d["version"] = int(version)
+    return Payout.from_dict(d)
+
+
+def _outbox(payout_id: str, fields: list[Any]) -> OutboxEntry:
+    status, created_at, at, attempts, delivered_at, error = fields
+    return OutboxEntry(
+        payout_id=payout_id,
+        status=PayoutStatus(status),
+        created_at=float(created_at),
+        next_attempt_at=float(at),
+        attempts=int(attempts),
+        delivered_at=None if delivered_at is None else float(delivered_at),
+        last_error=error,
+    )
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except (rex.AuthenticationError, rex.AuthorizationError) as exc:
+        raise StorageError(f"Redis: {exc}") from exc  # a configuration error: retrying won't help
+    except _UNAVAILABLE as exc:
+        raise StorageUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc
+    except rex.RedisError as exc:
+        raise StorageError(f"Redis: {type(exc).__name__}: {exc}") from exc
+
+
+def _client(url: str, *, retries: int, socket_timeout: float) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
+        client_name="resilient_payout",
+    )
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+class RedisStorage:
+    """The :class:`~resilient_payout.storage.Storage` contract on a Redis server.
+
+    ``url`` is anything redis-py accepts (``redis://:pw@host:6379/0``, ``rediss://`` for TLS).
+    Every key starts with ``prefix``, so deployments can share a database. A dropped connection
+    is retried ``retries`` times (with backoff) before
+    :class:`~resilient_payout.StorageUnavailable`; ``socket_timeout`` bounds each command.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "rp:",
+        retries: int = 3,
+        socket_timeout: float = 5.0,
+    ) -> None:
+        if not prefix:
+            raise ValueError("the Redis key prefix must not be empty")
+        self._url = url
+        self._prefix = prefix
+        self._retries = retries
+        self._socket_timeout = socket_timeout
+        self._redis: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        self._lock = anyio.Lock()
+        self._due = prefix + "idx:due"
+        self._ready = prefix + "idx:ready"
+        self._leased = prefix + "idx:leased"
+        self._outbox_due = prefix + "idx:outbox"
+        self._counts = prefix + "counts"
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStorage:
+        """``redis://`` or ``rediss://`` URLs; option ``?prefix=`` (default ``rp:``). Other
+        query parameters go to redis-py (``socket_timeout``, ``db``...)."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("redis", "rediss") or not parts.netloc:
+            raise ValueError(f"not a Redis URL: {url!r} (use redis://host:6379/0)")
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        prefix = next((v for k, v in reversed(query) if k == "prefix"), "rp:")
+        rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+        return cls(urlunsplit(parts._replace(query=rest)), prefix=prefix)
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    def __repr__(self) -> str:
+        return f"RedisStorage({_redacted(self._url)!r}, prefix={self._prefix!r})"
+
+    def _payout_key(self, payout_id: str) -> str:
+        return f"{self._prefix}p:{payout_id}"
+
+    def _outbox_key(self, payout_id: str) -> str:
+        return f"{self._prefix}o:{payout_id}"
+
+    # -- connection ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect and check the server answers. Idempotent; there is no schema to create."""
+        async with self._lock:
+            if self._redis is not None:
+                return
+            client = _client(self._url, retries=self._retries, socket_timeout=self._socket_timeout)
+            try:
+                with _translated():
+                    await client.ping()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await client.aclose()
+                raise
+            self._scripts = {
+                name: client.register_script(source)
+                for name, source in {
+                    "create": _CREATE,
+                    "cas": _CAS,
+                    "claim_due": _CLAIM_DUE,
+                    "claim_outbox": _CLAIM_OUTBOX,
+                    "ack_outbox": _ACK_OUTBOX,
+                    "retry_outbox": _RETRY_OUTBOX,
+                }.items()
+            }
+            self._redis = client
+
+    async def close(self) -> None:
+        async with self._lock:
+            client, self._redis = self._redis, None
+            if client is not None:
+                with anyio.CancelScope(shield=True), contextlib.suppress(*_UNAVAILABLE):
+                    await client.aclose()
+
+    def _conn(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise StorageError("RedisStorage is not open: call open() first")
+        return self._redis
+
+    async def _run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        self._conn()
+        with _translated():
+            return await self._scripts[script](keys=keys, args=args)
+
+    # -- the contract -------------------------------------------------------------------------
+
+    async def create_if_absent(self, payout: Payout) -> tuple[Payout, bool]:
+        doc = _encode(payout)
+        nca = "" if payout.next_check_at is None else _num(payout.next_check_at)
+        result = await self._run(
+            "create",
+            [self._payout_key(payout.id), self._due, self._ready, self._counts],
+            [payout.id, payout.status.value, nca, doc, "1" if payout.is_final else "0"],
+        )
+        if result[0] == 1:
+            return _decode(1, doc), True
+        return _decode(result[1], result[2]), False
+
+    async def get(self, payout_id: str) -> Payout | None:
+        client = self._conn()
+        with _translated():
+            version, doc = await client.hmget(self._payout_key(payout_id), ["v", "doc"])
+        return None if version is None or doc is None else _decode(version, doc)
+
+    async def compare_and_set(
+        self, payout: Payout, *, expected_version: int, outbox: OutboxEntry | None = None
+    ) -> Payout | None:
+        if outbox is not None and outbox.payout_id != payout.id:
+            raise ValueError(f"outbox entry for {outbox.payout_id!r} given with {payout.id!r}")
+        doc = _encode(payout)
+        nca = "" if payout.next_check_at is None else _num(payout.next_check_at)
+        args: list[str | int] = [
+            payout.id,
+            expected_version,
+            payout.status.value,
+            nca,
+            doc,
+            "1" if payout.is_final else "0",
+        ]
+        if outbox is None:
+            args += ["0", "", "", "", 0, "", ""]
+        else:
+            args += [
+                "1",
+                outbox.status.value,
+                _num(outbox.created_at),
+                _num(outbox.next_attempt_at),
+                outbox.attempts,
+                "" if outbox.delivered_at is None else _num(outbox.delivered_at),
+                # A leading "=" tells an empty error from no error.
+                "" if outbox.last_error is None else "=" + outbox.last_error,
+            ]
+        keys = [
+            self._payout_key(payout.id),
+            self._due,
+            self._ready,
+            self._leased,
+            self._counts,
+            self._outbox_key(payout.id),
+            self._outbox_due,
+        ]
+        version = await self._run("cas", keys, args)
+        return None if version is None or doc is None else _decode(version, doc)
+
+    async def claim_due(
+        self, now: float, *, owner: str, lease_seconds: float, limit: int
+    ) -> list[Payout]:
+        if limit <= 0:
+            return []
+        rows = await self._run(
+            "claim_due",
+            [self._ready, self._leased, self._due],
+            [_num(now), owner, _num(now + lease_seconds), limit, self._prefix + "p:"],
+        )
+        return [_decode(version, doc) for version, doc in rows]  # already earliest first
+
+    async def next_due_at(self) -> float | None:
+        client = self._conn()
+        with _translated():
+            first = await client.zrange(self._due, 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
+    async def claim_outbox(
+        self, now: float, *, owner: str, lease_seconds: float, limit: int
+    ) -> list[OutboxEntry]:
+        if limit <= 0:
+            return []
+        rows = await self._run(
+            "claim_outbox",
+            [self._outbox_due],
+            [_num(now), owner, _num(now + lease_seconds), limit, self._prefix + "o:"],
+        )
+        entries = [_outbox(row[0], row[1:]) for row in rows]
+        entries.sort(key=lambda e: e.payout_id)  # all share next_attempt_at == lease end
+        return entries
+
+    async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
+        await self._run(
+            "ack_outbox",
+            [self._outbox_key(payout_id), self._outbox_due],
+            [payout_id, _num(delivered_at)],
+        )
+
+    async def retry_outbox(self, payout_id: str, *, next_attempt_at: float, error: str) -> None:
+        await self._run(
+            "retry_outbox",
+            [self._outbox_key(payout_id), self._outbox_due],
+            [payout_id, _num(next_attempt_at), error],
+        )
+
+    async def get_outbox(self, payout_id: str) -> OutboxEntry | None:
+        client = self._conn()
+        with _translated():
+            fields = await client.hmget(self._outbox_key(payout_id), list(_OUTBOX_FIELDS))
+        return None if fields[0] is None else _outbox(payout_id, fields)
+
+    async def count_by_status(self) -> dict[PayoutStatus, int]:
+        client = self._conn()
+        with _translated():
+            stored = await client.hgetall(self._counts)
+        counts = dict.fromkeys(PayoutStatus, 0)
+        for status, n in stored.items():
+            counts[PayoutStatus(str(status))] = int(n)
+        return counts
+
+
+# -- the shared status-check budget ------------------------------------------------------------
+
+# GCRA on Redis's clock, in integer microseconds (exact in a double up to 2**53, i.e. for
+# centuries of epoch time). KEYS: theoretical arrival time, pause flag. ARGV: emission interval
+# and burst tolerance, in µs. Returns {µs to wait (0: granted), server time in µs}.
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local paused = redis.call('PTTL', KEYS[2])
+if paused > 0 then return {paused * 1000, now} end
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = math.ceil(tat + interval)
+local wait = new_tat - now - tolerance
+if wait > 0 then return {math.ceil(wait), now} end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
+           'PX', string.format('%.0f', math.ceil((new_tat - now) / 1000) + 1))
+return {0, now}
+"""
+
+_OUTAGE_BACKOFF_MIN: Final = 0.05
+_OUTAGE_BACKOFF_MAX: Final = 2.0
+
+# A pause only ever lengthens: a short Retry-After must not cut a longer penalty short.
+_PAUSE = """
+local ms = tonumber(ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ms then
+  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+end
+return 0
+"""
+
+
+class RedisCheckBudget:
+    """One status-check budget for every process: ``rate`` checks per second, bursts of
+    ``burst``, so over any window of ``T`` seconds at most ``burst + rate * T`` checks go out,
+    counted across all processes sharing ``key`` on one Redis server.
+
+    The limiter is GCRA (a leaky bucket kept as one timestamp) in a Lua script that reads the
+    time with Redis ``TIME``: every process uses the server's clock, so skewed machine clocks
+    change nothing, and the check-and-count is one atomic step. :meth:`acquire` sleeps for the
+    delay the script returns and tries again. :meth:`pause` sets ``<key>:pause`` with a TTL,
+    which every ``acquire`` honours within the same script. Why not the ``limits`` library: its
+    moving-window strategy only answers "allowed now?" (no delay to wait for, so a caller must
+    poll), and it has no shared pause; GCRA's state is one key and its answer is the exact wait.
+
+    Unlike :class:`~resilient_payout.LocalCheckBudget`, it does not start full: the state
+    outlives restarts of any process, and an absent key means no check for ``burst / rate``
+    seconds or more, which is a full bucket anyway. ``url_or_client``: a Redis URL (the budget
+    then owns its client: close it with :meth:`aclose` or ``async with``) or a
+    ``redis.asyncio.Redis`` client (left open).
+
+    While Redis is unreachable, :meth:`acquire` keeps waiting (retrying with backoff, logging a
+    warning): no check goes out uncounted. :meth:`pause` raises
+    :class:`~resilient_payout.StorageUnavailable` then; other Redis errors (wrong password...)
+    raise :class:`~resilient_payout.StorageError`.
+    """
+
+    def __init__(
+        self,
+        url_or_client: str | aioredis.Redis,
+        *,
+        rate: float,
+        burst: int,
+        key: str = "rp:budget",
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        if isinstance(url_or_client, str):
+            self._redis = _client(url_or_client, retries=3, socket_timeout=5.0)
+            self._owned = True
+        else:
+            self._redis = url_or_client
+            self._owned = False
+        self.rate = rate
+        self.burst = burst
+        self.key = key
+        self._interval_us = 1_000_000 / rate
+        self._gcra = self._redis.register_script(_GCRA)
+        self._pause = self._redis.register_script(_PAUSE)
+        self.sent = 0
+        self.pauses = 0
+        self.last_acquired_at: float | None = None
+        """Redis server time (epoch seconds) at which the last :meth:`acquire` was granted."""
+
+    async def acquire(self) -> None:
+        keys = [self.key, self.key + ":pause"]
+        args = [repr(self._interval_us), repr(self._interval_us * self.burst)]
+        backoff = _OUTAGE_BACKOFF_MIN
+        while True:
+            try:
+                with _translated():
+                    wait_us, now_us = await self._gcra(keys=keys, args=args)
+            except StorageUnavailable as exc:
+                # No check may go out uncounted, and raising would stop the caller's check loop:
+                # wait for Redis to come back.
+                log.warning("check budget: %s; trying again in %.2fs", exc, backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, _OUTAGE_BACKOFF_MAX)
+                continue
+            backoff = _OUTAGE_BACKOFF_MIN
+            if int(wait_us) <= 0:
+                self.sent += 1
+                self.last_acquired_at = int(now_us) / 1_000_000
+                return
+            await anyio.sleep(int(wait_us) / 1_000_000)
+
+    async def pause(self, seconds: float) -> None:
+        self.pauses += 1
+        ms = math.ceil(seconds * 1000)
+        if ms <= 0:
+            return
+        with _translated():
+            await self._pause(keys=[self.key + ":pause"], args=[str(ms)])
+
+    async def aclose(self) -> None:
+        """Close the client if this budget created it."""
+        if self._owned:
+            with anyio.CancelScope(shield=True), contextlib.suppress(*_UNAVAILABLE):
+                await self._redis.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
