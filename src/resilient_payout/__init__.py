@@ -63,7 +63,18 @@ from .notify import CallbackNotifier, HttpNotifier, NotificationFailed, Notifier
 from .partner import HttpPartner, Partner
 from .reconcile import CheckBudget, LocalCheckBudget
 from .storage import Storage, storage_from_url
-from .webhooks import Webhook, parse_webhook
+from .webhooks import (
+    InMemoryReplayStore,
+    RejectReason,
+    ReplayStore,
+    StandardWebhookVerifier,
+    UnsignedWebhooks,
+    Webhook,
+    WebhookAuthError,
+    WebhookVerifier,
+    parse_webhook,
+    sign_webhook,
+)
 
 __all__ = [
     "Accepted",
@@ -86,6 +97,7 @@ __all__ = [
     "HttpNotifier",
     "HttpPartner",
     "IdempotencyConflict",
+    "InMemoryReplayStore",
     "InvalidRequest",
     "InvalidWebhook",
     "LocalCheckBudget",
@@ -108,6 +120,9 @@ __all__ = [
     "Policy",
     "RateLimited",
     "Refused",
+    "RejectReason",
+    "ReplayStore",
+    "StandardWebhookVerifier",
     "StatusChecked",
     "Storage",
     "StorageError",
@@ -118,14 +133,18 @@ __all__ = [
     "SubmitToPartner",
     "Uncertain",
     "UnknownPayout",
+    "UnsignedWebhooks",
     "Webhook",
+    "WebhookAuthError",
     "WebhookError",
     "WebhookReceived",
     "WebhookRejected",
+    "WebhookVerifier",
     "WorkDue",
     "__version__",
     "decide",
     "parse_webhook",
     "plan_next_check",
+    "sign_webhook",
     "storage_from_url",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Self
 
@@ -27,6 +27,7 @@ from ._errors import (
     IdempotencyConflict,
     StorageError,
     UnknownPayout,
+    WebhookRejected,
 )
 from ._lifecycle import (
     CheckStatus,
@@ -62,7 +63,7 @@ from .notify import Notifier, deliver_with_retries, next_round_delay
 from .partner import Partner
 from .reconcile import CheckBudget, LocalCheckBudget
 from .storage import Storage
-from .webhooks import parse_webhook
+from .webhooks import RejectReason, WebhookAuthError, WebhookVerifier, parse_webhook
 
 __all__ = ["ClientStats", "PayoutClient", "SubmitResult"]
 
@@ -99,6 +100,7 @@ class ClientStats:
     checks_skipped: int = 0
     webhooks: int = 0
     webhooks_unknown: int = 0
+    webhooks_rejected: dict[str, int] = field(default_factory=dict)
     resolved: dict[str, int] = field(default_factory=dict)
     confirmed_absences: int = 0
     resubmissions: int = 0
@@ -137,6 +139,9 @@ class PayoutClient:
         background: run background work (claims, checks, pushes); False for a process that
             only takes requests and webhooks.
         close_storage: close the storage on exit (False when several clients share it).
+        webhook_verifier: checks each webhook's authenticity before it is parsed (e.g.
+            :class:`~resilient_payout.webhooks.StandardWebhookVerifier`); None accepts unsigned
+            webhooks, like :class:`~resilient_payout.webhooks.UnsignedWebhooks`.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class PayoutClient:
         on_conflict: ConflictHook | None = None,
         background: bool = True,
         close_storage: bool = True,
+        webhook_verifier: WebhookVerifier | None = None,
     ) -> None:
         self.storage = storage
         self.partner = partner
@@ -167,6 +173,7 @@ class PayoutClient:
         self.on_conflict = on_conflict
         self.background = background
         self.close_storage = close_storage
+        self.webhook_verifier = webhook_verifier
         self.stats = ClientStats()
         self._tg: TaskGroup | None = None
         self._limiter = anyio.CapacityLimiter(self.policy.max_concurrent_work)
@@ -272,9 +279,14 @@ class PayoutClient:
 
     # -- the partner's side --------------------------------------------------------------------
 
-    async def handle_webhook(self, body: bytes | str | dict[str, Any]) -> Payout:
-        """Apply a partner webhook. Raises InvalidWebhook, or UnknownPayout for an unknown id
-        (a webhook never creates a payout)."""
+    async def handle_webhook(
+        self, body: bytes | str | dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> Payout:
+        """Apply a partner webhook. Raises WebhookRejected (with a ``webhook_verifier``: checked
+        first, over the raw body and ``headers``), InvalidWebhook, or UnknownPayout for an
+        unknown id (a webhook never creates a payout)."""
+        if self.webhook_verifier is not None:
+            await self._verify_webhook(body, headers or {})
         hook = parse_webhook(body)
         self.stats.webhooks += 1
         p = await self.storage.get(hook.payout_id)
@@ -282,6 +294,23 @@ class PayoutClient:
             self.stats.webhooks_unknown += 1
             raise UnknownPayout(hook.payout_id)
         return await self._apply(p, WebhookReceived(hook.status))
+
+    async def _verify_webhook(
+        self, body: bytes | str | dict[str, Any], headers: Mapping[str, str]
+    ) -> None:
+        assert self.webhook_verifier is not None
+        try:
+            if isinstance(body, dict):
+                # A signature covers the exact bytes sent; re-encoding decoded JSON cannot match.
+                raise WebhookAuthError(
+                    RejectReason.MALFORMED, "a signed webhook must be given as its raw body"
+                )
+            raw = body.encode() if isinstance(body, str) else body
+            await self.webhook_verifier.verify(headers, raw, self.clock.now())
+        except WebhookRejected as exc:
+            reason = exc.reason.value if isinstance(exc, WebhookAuthError) else "rejected"
+            _bump(self.stats.webhooks_rejected, reason)
+            raise
 
     # -- the machinery -----------------------------------------------------------------------
 

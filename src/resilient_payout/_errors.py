@@ -9,6 +9,7 @@ Everything the library raises on purpose derives from :class:`PayoutError`::
     ├── WebhookError
     │   ├── InvalidWebhook        malformed body, or a status outside the partner's vocabulary
     │   └── WebhookRejected       failed authenticity checks: forged, stale or replayed
+    │       └── WebhookAuthError  the same, with ``reason`` (a RejectReason; webhooks.py)
     ├── NotificationFailed        the app did not acknowledge a push (retried later)
     ├── StorageError
     │   ├── StorageUnavailable    the backend cannot be reached right now; retry later

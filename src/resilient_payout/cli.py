@@ -8,19 +8,21 @@ stops everything it started. See ``docs/demo.md``.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import errno
 import functools
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -66,6 +68,7 @@ _SERVE_ENV = {
     "time_scale": "RP_TIME_SCALE",
     "check_rate": "RP_CHECK_RATE",
     "check_burst": "RP_CHECK_BURST",
+    "budget_url": "RP_BUDGET_URL",
     "max_wait": "RP_MAX_WAIT",
 }
 """``serve`` flag (dest) -> the variable ``ServiceSettings.from_env()`` reads it from."""
@@ -150,6 +153,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add("--time-scale", type=_positive, metavar="S", help="multiplies every duration")
     add("--check-rate", type=_positive, metavar="R", help="status checks per second")
     add("--check-burst", type=int, metavar="N", help="status check burst")
+    add(
+        "--budget-url",
+        metavar="URL",
+        help="Redis URL of a status-check budget shared by every instance (RP_BUDGET_URL; "
+        "key RP_BUDGET_KEY); default: one budget per process",
+    )
     add("--max-wait", type=float, metavar="S", help="longest GET ?wait= honoured (RP_MAX_WAIT)")
     add("--log-level", choices=_LOG_LEVELS, default="info")
     add("--access-log", action="store_true", help="log every request")
@@ -160,7 +169,10 @@ def _partner_fields() -> list[dataclasses.Field[Any]]:
     from .testing.mock_partner import MockPartnerConfig
 
     return [
-        f for f in dataclasses.fields(MockPartnerConfig) if f.name not in ("seed", "time_scale")
+        f
+        for f in dataclasses.fields(MockPartnerConfig)
+        # The secret comes from RP_PARTNER_WEBHOOK_SECRET, never argv (which `ps` shows).
+        if f.name not in ("seed", "time_scale", "webhook_secret")
     ]
 
 
@@ -276,6 +288,20 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=Path(".demo"),
         metavar="DIR",
         help="logs and the default database (default: .demo)",
+    )
+    add(
+        "--instances",
+        type=int,
+        default=1,
+        metavar="N",
+        help="service processes; above 1 they share the storage and sit behind a router on "
+        "--service-port that sends each request and webhook to a random one (default: 1)",
+    )
+    add(
+        "--budget-url",
+        metavar="URL",
+        help="with --instances above 1: Redis URL of one shared check budget (a fresh key per "
+        "run); without it each instance gets 1/N of the check rate",
     )
     add("--no-progress", action="store_true", help="no live progress bar")
     p.set_defaults(handler=_cmd_demo)
@@ -416,7 +442,8 @@ def partner_config(ns: argparse.Namespace) -> MockPartnerConfig:
 
     given = {f.name: getattr(ns, f.name) for f in _partner_fields()}
     knobs = {name: value for name, value in given.items() if value is not None}
-    return MockPartnerConfig(seed=ns.seed, time_scale=ns.time_scale, **knobs)
+    secret = os.environ.get("RP_PARTNER_WEBHOOK_SECRET", "").strip() or None
+    return MockPartnerConfig(seed=ns.seed, time_scale=ns.time_scale, webhook_secret=secret, **knobs)
 
 
 def _cmd_mock_partner(ns: argparse.Namespace) -> int:
@@ -613,6 +640,10 @@ def _demo_config(ns: argparse.Namespace, seed: int) -> SimulatorConfig | str:
     }
     if len(set(ports.values())) < len(ports):
         return "--partner-port, --service-port and --client-port must differ"
+    if not 1 <= ns.instances <= 16:
+        return f"--instances must be within 1-16, got {ns.instances}"
+    if ns.instances > 1 and ns.storage is not None and ns.storage.startswith("memory:"):
+        return "--instances above 1 needs a shared storage, not memory://"
     if ns.storage is not None and "://" not in ns.storage:
         return f"--storage must be a URL such as sqlite:///path.db, got {ns.storage!r}"
     try:
@@ -657,7 +688,10 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     workdir: Path = ns.workdir
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        partner_log, service_log = _prepare_logs(workdir, ("partner", "service"), ns.keep_logs)
+        names = (
+            ["service"] if ns.instances == 1 else [f"service-{i + 1}" for i in range(ns.instances)]
+        )
+        partner_log, *service_logs = _prepare_logs(workdir, ["partner", *names], ns.keep_logs)
         storage = ns.storage if ns.storage is not None else _fresh_sqlite(workdir)
     except OSError as exc:
         _error(f"demo: cannot prepare {workdir}: {exc}")
@@ -667,38 +701,54 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
         f"[bold]resilient-payout demo[/]: {config.n} payouts at {config.rate:g}/s, "
         f"time scale {config.time_scale:g}, seed {seed}\n"
         f"  mock partner     {partner_url}  log {partner_log}\n"
-        f"  example service  {service_url}  log {service_log}\n"
+        f"  example service  {service_url}  log {service_logs[0]}"
+        f"{_instances_note(ns, service_logs)}\n"
         f"                   storage {_redact(storage)}\n"
         f"  app backend      http://{LOOPBACK}:{config.listen_port}  (the simulator, this process)"
     )
     scale = f"{config.time_scale:g}"
     # The storage URL goes by environment, not argv: it may hold a password, and argv is public.
+    webhook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     env = {
         **os.environ,
         **_no_proxy_for_loopback(),
         "PYTHONUNBUFFERED": "1",
         "RP_STORAGE_URL": storage,
+        # A fresh secret per run: the partner signs its webhooks, the service verifies them.
+        "RP_WEBHOOK_SECRETS": webhook_secret,
+        "RP_PARTNER_WEBHOOK_SECRET": webhook_secret,
     }
+    if ns.instances > 1 and ns.budget_url:
+        env["RP_BUDGET_URL"] = ns.budget_url
+        env["RP_BUDGET_KEY"] = f"rp-demo:{secrets.token_hex(6)}:budget"
     children: list[_Child] = []
     previous = _install_stop_signals()
     try:
-        partner_ready, service_ready = f"{partner_url}/_mock/stats", f"{service_url}/healthz"
+        partner_ready = f"{partner_url}/_mock/stats"
         partner_args = ["--host", LOOPBACK, "--port", str(ns.partner_port), "--seed", str(seed)]
         service_args = [
-            *("--host", LOOPBACK, "--port", str(ns.service_port)),
             *("--partner-url", partner_url, "--public-url", service_url),
             *("--client-url", f"http://{LOOPBACK}:{ns.client_port}", "--push-body", ns.push_body),
+            *_split_budget(ns),
         ]
-        for name, args, log, ready_url in (
-            ("mock partner", ["mock-partner", *partner_args], partner_log, partner_ready),
-            ("example service", ["serve", *service_args], service_log, service_ready),
-        ):
+        # One instance listens on --service-port; several listen on free ports behind the router.
+        ports = [ns.service_port] if ns.instances == 1 else _free_ports(ns.instances)
+        spawns = [("mock partner", ["mock-partner", *partner_args], partner_log, partner_ready)]
+        for i, (port, log) in enumerate(zip(ports, service_logs, strict=True)):
+            name = "example service" + (f" {i + 1}" if ns.instances > 1 else "")
+            listen = ["--host", LOOPBACK, "--port", str(port)]
+            ready = f"http://{LOOPBACK}:{port}/healthz"
+            spawns.append((name, ["serve", *listen, *service_args], log, ready))
+        for name, args, log, ready_url in spawns:
             # Appended at once: from here on, the finally below stops the child whatever happens.
             children.append(_spawn(name, [*args, "--time-scale", scale], log, ready_url, env))
         if not _wait_ready(children, console):
             return EXIT_SETUP
+        backends = [] if ns.instances == 1 else [f"http://{LOOPBACK}:{p}" for p in ports]
         with _environ(_no_proxy_for_loopback()):
-            report = _simulate(config, progress=not ns.no_progress, console=console)
+            report = _simulate(
+                config, progress=not ns.no_progress, console=console, router_to=backends
+            )
         if report is None:
             return EXIT_SETUP
         return _finish(report, children, ns.json_path, started, console)
@@ -716,21 +766,143 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
             _stop(children, console)
         finally:
             _restore_signals(previous)
-        console.print(f"logs: {partner_log}, {service_log}")
+        console.print(f"logs: {partner_log}, {', '.join(map(str, service_logs))}")
 
 
 def _simulate(
-    config: SimulatorConfig, *, progress: bool, console: Console
+    config: SimulatorConfig,
+    *,
+    progress: bool,
+    console: Console,
+    router_to: Sequence[str] = (),
 ) -> SimulationReport | None:
     import anyio
 
     from .testing.simulator import Simulator
 
+    async def run() -> SimulationReport:
+        if not router_to:
+            return await Simulator(config).run(progress)
+        port = int(urlsplit(config.api_url).port or DEFAULT_SERVICE_PORT)
+        async with _serve_router(router_to, LOOPBACK, port):
+            return await Simulator(config).run(progress)
+
     try:
-        return anyio.run(Simulator(config).run, progress)
-    except OSError as exc:  # the receiver's port was taken since we checked
-        console.print(f"[red]demo: app backend port {config.listen_port}: {exc.strerror or exc}[/]")
+        return anyio.run(run)
+    except OSError as exc:  # the receiver's (or router's) port was taken since we checked
+        console.print(f"[red]demo: a port of this process: {exc.strerror or exc}[/]")
         return None
+
+
+_HOP_BY_HOP = frozenset(
+    {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade"}
+)
+
+
+@contextlib.asynccontextmanager
+async def _serve_router(backends: Sequence[str], host: str, port: int) -> AsyncIterator[None]:
+    """A minimal load balancer for the demo: every HTTP request to ``host:port`` goes to a
+    random backend, and to the others in turn while one refuses the connection."""
+    import anyio
+    import httpx
+    import uvicorn
+
+    class _Embedded(uvicorn.Server):
+        # The demo owns SIGINT/SIGTERM; uvicorn would re-raise them only after its shutdown.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    # GET ?wait= long-polls up to RP_MAX_WAIT: no read timeout, and no pool limit, or parked
+    # long polls would hold every connection and new requests would queue behind them.
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(None, connect=2.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+        trust_env=False,
+    )
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP_BY_HOP]
+        target = scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            target += "?" + scope["query_string"].decode("latin-1")
+        for base in random.sample(list(backends), len(backends)):
+            try:
+                answer = await http.request(
+                    scope["method"], base + target, content=bytes(body), headers=headers
+                )
+            except httpx.TransportError:
+                continue
+            out = [
+                (k.encode("latin-1"), v.encode("latin-1"))
+                for k, v in answer.headers.items()
+                if k.encode("latin-1") not in _HOP_BY_HOP and k.lower() != "content-encoding"
+            ]
+            out.append((b"content-length", str(len(answer.content)).encode()))
+            await send(
+                {"type": "http.response.start", "status": answer.status_code, "headers": out}
+            )
+            await send({"type": "http.response.body", "body": answer.content})
+            return
+        await send({"type": "http.response.start", "status": 502, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    sock = _listen(host, port)
+    server = _Embedded(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            with anyio.fail_after(10):
+                while not server.started:  # noqa: ASYNC110 - uvicorn has only a flag
+                    await anyio.sleep(0.01)
+            try:
+                yield
+            finally:
+                server.should_exit = True
+    finally:
+        sock.close()
+        await http.aclose()
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on the loopback now (the kernel's choice)."""
+    socks = [_listen(LOOPBACK, 0) for _ in range(n)]
+    try:
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _split_budget(ns: argparse.Namespace) -> list[str]:
+    """Without a shared budget, N instances each get 1/N of the default check rate and burst,
+    so together they stay within what the partner allows."""
+    if ns.instances == 1 or ns.budget_url:
+        return []
+    from ._policy import Policy
+
+    base = Policy()
+    rate = base.check_rate / ns.instances
+    burst = max(1, base.check_burst // ns.instances)
+    return ["--check-rate", f"{rate:g}", "--check-burst", str(burst)]
+
+
+def _instances_note(ns: argparse.Namespace, logs: Sequence[Path]) -> str:
+    if ns.instances == 1:
+        return ""
+    budget = "one shared check budget (Redis)" if ns.budget_url else "1/N of the check rate each"
+    return (
+        f"\n                   router to {ns.instances} instances ({budget}); "
+        f"logs {logs[0].name} .. {logs[-1].name}"
+    )
 
 
 def _finish(

@@ -37,6 +37,11 @@ variable            default                     meaning
 ``RP_STORAGE_URL``  ``sqlite:///payouts.db``    :func:`~resilient_payout.storage_from_url`
 ``RP_CHECK_RATE``   ``2.0``                     status checks per (scenario) second
 ``RP_CHECK_BURST``  ``2``                       status checks that may go out back to back
+``RP_BUDGET_URL``   empty                       empty: a check budget per process
+                                                (``LocalCheckBudget``); ``redis://...``: one
+                                                ``RedisCheckBudget`` shared by every instance
+                                                using the same Redis and key
+``RP_BUDGET_KEY``   ``rp:budget``               the shared budget's Redis key
 ``RP_TIME_SCALE``   ``1.0``                     ``Policy().scaled(x)``: multiplies every
                                                 duration, divides the check rate
 ``RP_HOST``         ``127.0.0.1``               address ``serve`` listens on
@@ -44,16 +49,35 @@ variable            default                     meaning
 ``RP_MAX_WAIT``     ``30``                      cap of ``Prefer: wait`` and ``?wait=``, in real
                                                 seconds (not scaled)
 ==================  ==========================  =================================================
+
+Security settings (docs/security.md):
+
+===============================  ==========  ==================================================
+variable                         default     meaning
+===============================  ==========  ==================================================
+``RP_WEBHOOK_SECRETS``           empty       comma-separated Standard Webhooks secrets; set:
+                                             webhooks must be signed by one of them
+``RP_ALLOW_UNSIGNED_WEBHOOKS``   ``false``   with no secret: ``true`` accepts unsigned
+                                             webhooks, ``false`` answers every webhook 401
+                                             (payouts then settle by status checks)
+``RP_WEBHOOK_TOLERANCE``         ``300``     seconds a webhook timestamp may be off, both ways
+``RP_MAX_TRANSACTION_BODY``      ``16384``   bytes; a larger ``POST /transaction`` is a 413
+``RP_MAX_WEBHOOK_BODY``          ``65536``   bytes; a larger ``POST /webhook`` is a 413
+``RP_ID_FORMAT``                 ``token``   ``token``: 1-128 of ``[A-Za-z0-9._:-]``, starting
+                                             alphanumeric; ``uuid``: a lowercase canonical UUID
+``RP_EXTRA_FIELDS``              ``allow``   ``allow``: fields besides ``id`` are kept and part
+                                             of the fingerprint; ``forbid``: they are a 422
+===============================  ==========  ==================================================
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from http import HTTPStatus
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -71,7 +95,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -94,6 +118,13 @@ from ._version import __version__
 from .notify import HttpNotifier
 from .partner import HttpPartner
 from .storage import storage_from_url
+from .webhooks import (
+    RejectReason,
+    StandardWebhookVerifier,
+    UnsignedWebhooks,
+    WebhookAuthError,
+    WebhookVerifier,
+)
 
 __all__ = [
     "ENV_VARS",
@@ -118,19 +149,30 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "RP_STORAGE_URL": "storage_url",
     "RP_CHECK_RATE": "check_rate",
     "RP_CHECK_BURST": "check_burst",
+    "RP_BUDGET_URL": "budget_url",
+    "RP_BUDGET_KEY": "budget_key",
     "RP_TIME_SCALE": "time_scale",
     "RP_HOST": "host",
     "RP_PORT": "port",
     "RP_MAX_WAIT": "max_wait",
+    "RP_WEBHOOK_SECRETS": "webhook_secrets",
+    "RP_ALLOW_UNSIGNED_WEBHOOKS": "allow_unsigned_webhooks",
+    "RP_WEBHOOK_TOLERANCE": "webhook_tolerance",
+    "RP_MAX_TRANSACTION_BODY": "max_transaction_body",
+    "RP_MAX_WEBHOOK_BODY": "max_webhook_body",
+    "RP_ID_FORMAT": "id_format",
+    "RP_EXTRA_FIELDS": "extra_fields",
 }
 """Environment variable -> :class:`ServiceSettings` field."""
 
 PROBLEM_TYPE_PREFIX: Final = "tag:resilient-payout,2025:problem:"
 """Our problem types are ``PROBLEM_TYPE_PREFIX + slug`` (tag URIs: names, not web pages)."""
 
-_SECRET_FIELDS: Final = frozenset({"storage_url"})
+_SECRET_FIELDS: Final = frozenset({"storage_url", "budget_url", "webhook_secrets"})
 """Never echoed in error messages or logs (a database URL may carry a password)."""
 _MAX_WEBHOOK_BODY: Final = 64 * 1024
+"""The most :func:`~resilient_payout.webhooks.parse_webhook` reads; caps ``max_webhook_body``."""
+_UUID_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _RETRY_AFTER: Final = "1"
 _LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
@@ -182,10 +224,35 @@ class ServiceSettings(BaseModel):
     storage_url: str = "sqlite:///payouts.db"
     check_rate: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     check_burst: int = Field(default=2, ge=1)
+    budget_url: str = ""
+    budget_key: str = Field(default="rp:budget", min_length=1)
     time_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=3200, ge=0, le=65_535)
     max_wait: float = Field(default=30.0, ge=0, allow_inf_nan=False)
+    webhook_secrets: tuple[SecretStr, ...] = ()
+    allow_unsigned_webhooks: bool = False
+    webhook_tolerance: float = Field(default=300.0, gt=0, allow_inf_nan=False)
+    max_transaction_body: int = Field(default=16 * 1024, ge=64, le=1024 * 1024)
+    max_webhook_body: int = Field(default=_MAX_WEBHOOK_BODY, ge=64, le=_MAX_WEBHOOK_BODY)
+    id_format: Literal["token", "uuid"] = "token"
+    extra_fields: Literal["allow", "forbid"] = "allow"
+
+    @field_validator("webhook_secrets", mode="before")
+    @classmethod
+    def _split_secrets(cls, value: Any) -> Any:
+        # RP_WEBHOOK_SECRETS is comma-separated: "new,old" while rotating.
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _check_secrets(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        # Built once to fail at startup; the message never contains the secret.
+        if value:
+            StandardWebhookVerifier([s.get_secret_value() for s in value])
+        return value
 
     @field_validator("partner_url", "public_url", "client_url")
     @classmethod
@@ -200,6 +267,13 @@ class ServiceSettings(BaseModel):
             storage_from_url(value)
         except ValueError as exc:
             raise ValueError(str(exc).replace(value, _redact(value))) from None
+        return value
+
+    @field_validator("budget_url")
+    @classmethod
+    def _check_budget(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be empty or a Redis URL (redis://, rediss://, unix://)")
         return value
 
     @classmethod
@@ -233,6 +307,26 @@ class ServiceSettings(BaseModel):
         base = Policy(check_rate=self.check_rate, check_burst=self.check_burst)
         return base if self.time_scale == 1 else base.scaled(self.time_scale)
 
+    def webhook_verifier(self) -> WebhookVerifier:
+        """A :class:`StandardWebhookVerifier` with the secrets; with none, unsigned webhooks are
+        accepted only if ``allow_unsigned_webhooks``, else every webhook is rejected (401)."""
+        if self.webhook_secrets:
+            return StandardWebhookVerifier(
+                [s.get_secret_value() for s in self.webhook_secrets],
+                tolerance=self.webhook_tolerance,
+            )
+        return UnsignedWebhooks() if self.allow_unsigned_webhooks else _NoWebhookSecret()
+
+
+class _NoWebhookSecret:
+    """Fail closed: no secret and unsigned webhooks not allowed."""
+
+    async def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
+        raise WebhookAuthError(
+            RejectReason.NOT_CONFIGURED,
+            "no webhook secret is configured and unsigned webhooks are not allowed",
+        )
+
 
 def _explain(exc: ValidationError, data: Mapping[str, str]) -> str:
     by_field = {name: var for var, name in ENV_VARS.items()}
@@ -252,11 +346,28 @@ ClientFactory = Callable[[ServiceSettings], AbstractAsyncContextManager[PayoutCl
 manager) will do, e.g. ``lambda s: PayoutClient(storage=MemoryStorage(), ...)``."""
 
 
+def _budget(settings: ServiceSettings, policy: Policy) -> AbstractAsyncContextManager[Any]:
+    """The shared Redis check budget (closed on exit), or None for the client's local one."""
+    if not settings.budget_url:
+        return nullcontext(None)
+    from .storage.redis import RedisCheckBudget
+
+    # The policy's rate is already scaled: every instance must agree on it, as on the key.
+    return RedisCheckBudget(
+        settings.budget_url,
+        rate=policy.check_rate,
+        burst=policy.check_burst,
+        key=settings.budget_key,
+    )
+
+
 @asynccontextmanager
 async def open_client(settings: ServiceSettings) -> AsyncIterator[PayoutClient]:
-    """The default :data:`ClientFactory`: storage from the URL, the HTTP partner and notifier."""
+    """The default :data:`ClientFactory`: storage from the URL, the HTTP partner and notifier,
+    and the shared Redis check budget when ``budget_url`` is set."""
     policy = settings.policy()
     async with (
+        _budget(settings, policy) as budget,
         HttpPartner(settings.partner_url, policy=policy) as partner,
         HttpNotifier(
             settings.push_url, body=settings.push_body, timeout=policy.notify_timeout
@@ -266,7 +377,9 @@ async def open_client(settings: ServiceSettings) -> AsyncIterator[PayoutClient]:
             partner=partner,
             webhook_url=settings.webhook_url,
             notifier=notifier,
+            webhook_verifier=settings.webhook_verifier(),
             policy=policy,
+            budget=budget,
         ) as client,
     ):
         yield client
@@ -332,7 +445,7 @@ _ERRORS: Final[tuple[tuple[type[PayoutError], int, str, str], ...]] = (
     (IdempotencyConflict, 409, "idempotency-conflict", "Same id, different request"),
     (UnknownPayout, 404, "unknown-payout", "Unknown payout"),
     (InvalidWebhook, 422, "invalid-webhook", "Invalid webhook"),
-    (WebhookRejected, 403, "webhook-rejected", "Webhook rejected"),
+    (WebhookRejected, 401, "webhook-rejected", "Webhook rejected"),
     (StorageUnavailable, 503, "storage-unavailable", "Storage unavailable"),
     (ConcurrencyError, 503, "busy", "Too much contention"),
     (StorageError, 503, "storage-error", "Storage error"),
@@ -341,14 +454,17 @@ _ERRORS: Final[tuple[tuple[type[PayoutError], int, str, str], ...]] = (
 
 _DESCRIPTIONS: Final[Mapping[int, str]] = {
     400: "Malformed JSON",
-    403: "Webhook rejected",
+    401: "Webhook rejected: missing, malformed or forged signature, or stale timestamp",
     404: "Unknown payout",
-    409: "The id is known with a different request",
+    409: "The id is known with a different request (a webhook: its id was already received)",
     413: "Body too large",
     422: "Invalid request",
     500: "Internal error",
     503: "Storage unavailable or service not running (see `Retry-After`)",
 }
+
+_WEBHOOK_CHALLENGE: Final = 'Signature realm="webhook", scheme="standard-webhooks-v1"'
+"""RFC 9110 wants a challenge with every 401; this names the scheme the partner must use."""
 
 _RETRY_AFTER_DOC: Final = {
     "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}
@@ -396,6 +512,20 @@ def _problem_response(
 
 
 async def _on_payout_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, WebhookAuthError) and exc.reason is RejectReason.REPLAYED:
+        # Not 401: the signature was valid; the message itself was already accepted once.
+        return _problem_response(
+            request, 409, slug="webhook-replayed", title="Webhook replayed", detail=str(exc)
+        )
+    if isinstance(exc, WebhookRejected):
+        return _problem_response(
+            request,
+            401,
+            slug="webhook-rejected",
+            title="Webhook rejected",
+            detail=str(exc),
+            headers={"WWW-Authenticate": _WEBHOOK_CHALLENGE},
+        )
     for cls, status, slug, title in _ERRORS:
         if isinstance(exc, cls):
             return _problem_response(request, status, slug=slug, title=title, detail=str(exc))
@@ -452,7 +582,11 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
 
 # -- metrics -------------------------------------------------------------------------------------
 
-_STATS_LABELS: Final[Mapping[str, str]] = {"answers": "outcome", "resolved": "cause"}
+_STATS_LABELS: Final[Mapping[str, str]] = {
+    "answers": "outcome",
+    "resolved": "cause",
+    "webhooks_rejected": "reason",
+}
 _STATS_GAUGES: Final = frozenset({"checks_peak_per_second"})
 """Stats that are levels, not counts (anything else in ``ClientStats`` is a counter)."""
 _STATS_HELP: Final[Mapping[str, str]] = {
@@ -468,6 +602,7 @@ _STATS_HELP: Final[Mapping[str, str]] = {
     "checks_skipped": "Status checks skipped because the payout was settled meanwhile",
     "webhooks": "Well-formed partner webhooks received",
     "webhooks_unknown": "Webhooks for an unknown id",
+    "webhooks_rejected": "Webhooks that failed authenticity checks, by reason",
     "resolved": "Payouts that became final, by cause",
     "confirmed_absences": "Attempts confirmed absent at the partner after the window",
     "resubmissions": "Second attempts after confirmed absence",
@@ -573,6 +708,18 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds:.3f}".rstrip("0").rstrip(".") or "0"
 
 
+def _check_policy(body: PayoutRequest, settings: ServiceSettings) -> None:
+    """The id format and unknown-fields policies (the model already enforces ``token``)."""
+    if settings.id_format == "uuid" and not _UUID_ID.fullmatch(body.id):
+        raise InvalidRequest("id: must be a lowercase canonical UUID (RP_ID_FORMAT=uuid)")
+    if settings.extra_fields == "forbid" and body.model_extra:
+        # Only a count: field names are input too, and input is never echoed.
+        raise InvalidRequest(
+            f"{len(body.model_extra)} unknown field(s); only 'id' is accepted "
+            "(RP_EXTRA_FIELDS=forbid)"
+        )
+
+
 def _view(payout: Payout) -> TransactionStatus:
     return TransactionStatus(id=payout.id, status=_APP_STATUS.get(payout.status, "pending"))
 
@@ -587,6 +734,60 @@ async def _read_capped(request: Request, limit: int) -> bytes:
         if len(buf) > limit:
             raise _ProblemRaised(413, "body-too-large", "Body too large", f"over {limit} bytes")
     return bytes(buf)
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: a POST body over its route's limit is a 413 before any parsing.
+
+    The body is read here (it is small by construction) and replayed to the app, so FastAPI's
+    own parsing, which would turn a failed read into a 400, never sees an oversized one.
+    """
+
+    def __init__(self, app: ASGIApp, limits: Mapping[str, int]) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.limits.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if limit is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        too_large = declared.isdigit() and int(declared) > limit
+        chunks: list[bytes] = []
+        size = 0
+        more = not too_large
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                too_large = True
+                break
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        if too_large:
+            request = Request(scope)
+            response = _problem_response(
+                request, 413, slug="body-too-large", title="Body too large",
+                detail=f"the body is over {limit} bytes",
+            )  # fmt: skip
+            await response(scope, receive, send)
+            return
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 class _ServiceApp(FastAPI):
@@ -637,15 +838,26 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with factory(settings) as client:
             app.state.payout_client = collector.client = client
+            if client.webhook_verifier is None or isinstance(
+                client.webhook_verifier, UnsignedWebhooks
+            ):
+                log.warning("webhooks are accepted UNSIGNED: anyone reaching %s can settle "
+                            "payouts; set RP_WEBHOOK_SECRETS", settings.webhook_url)  # fmt: skip
+            elif isinstance(client.webhook_verifier, _NoWebhookSecret):
+                log.warning("every webhook is rejected (no RP_WEBHOOK_SECRETS); payouts settle "
+                            "by status checks only")  # fmt: skip
             log.info(
                 "payout service up: partner %s, webhooks at %s, pushes to %s (%s), storage %s, "
-                "time scale %g",
+                "time scale %g, check budget %s",
                 settings.partner_url,
                 settings.webhook_url,
                 settings.push_url,
                 settings.push_body,
                 settings.storage_url.split(":", 1)[0],
                 settings.time_scale,
+                f"shared at {settings.budget_url.split(':', 1)[0]} key {settings.budget_key}"
+                if settings.budget_url
+                else "per process",
             )
             try:
                 yield
@@ -661,6 +873,13 @@ def create_app(
     app.state.settings = settings
     app.state.payout_client = None
     app.state.metrics_registry = registry
+    app.add_middleware(
+        _BodyLimit,
+        limits={
+            "/transaction": settings.max_transaction_body,
+            "/webhook": settings.max_webhook_body,
+        },
+    )
     app.add_middleware(_RequestMetrics, requests=requests, latency=latency)
     app.add_exception_handler(PayoutError, _on_payout_error)
     app.add_exception_handler(_ProblemRaised, _on_raised)
@@ -690,7 +909,7 @@ def create_app(
                     }
                 },
             },
-            **_problems(400, 409, 422, 500, 503),
+            **_problems(400, 409, 413, 422, 500, 503),
         },
     )
     async def submit_transaction(
@@ -709,6 +928,7 @@ def create_app(
         ),
     ) -> TransactionStatus:
         client = running_client()
+        _check_policy(body, settings)
         payout = (await client.submit(body)).payout
         wait = _prefer_wait(request.headers.getlist("prefer"))
         if wait is not None:
@@ -750,7 +970,7 @@ def create_app(
         summary="The partner's webhook `{id, status}`",
         responses={
             200: {"description": "Applied (or a no-op repeat); the payout as the app sees it"},
-            **_problems(400, 403, 404, 413, 422, 500, 503),
+            **_problems(400, 401, 404, 409, 413, 422, 500, 503),
         },
         openapi_extra={
             "requestBody": {
@@ -761,14 +981,18 @@ def create_app(
     )
     async def partner_webhook(request: Request) -> TransactionStatus:
         client = running_client()
-        body = await _read_capped(request, _MAX_WEBHOOK_BODY)
+        body = await _read_capped(request, settings.max_webhook_body)
         try:
-            json.loads(body)
-        except ValueError:
-            raise _ProblemRaised(
-                400, "malformed-json", "Malformed JSON", "the webhook body is not valid JSON"
-            ) from None
-        return _view(await client.handle_webhook(body))
+            # The client checks authenticity first, over the raw bytes and the headers, and
+            # counts rejections: an unsigned sender learns nothing about the body it sent.
+            payout = await client.handle_webhook(body, request.headers)
+        except InvalidWebhook as exc:
+            if isinstance(exc.__cause__, ValueError):  # parse_webhook: not JSON at all
+                raise _ProblemRaised(
+                    400, "malformed-json", "Malformed JSON", "the webhook body is not valid JSON"
+                ) from None
+            raise
+        return _view(payout)
 
     @app.get(
         "/healthz",

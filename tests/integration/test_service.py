@@ -310,9 +310,9 @@ def test_openapi_lists_every_route_with_its_problem_responses() -> None:
     schema = create_app(ServiceSettings(storage_url="memory://", max_wait=12)).openapi()
     paths = schema["paths"]
     expected = {
-        ("/transaction", "post"): {"200", "400", "409", "422", "500", "503"},
+        ("/transaction", "post"): {"200", "400", "409", "413", "422", "500", "503"},
         ("/transaction/{payout_id}", "get"): {"200", "404", "422", "500", "503"},
-        ("/webhook", "post"): {"200", "400", "403", "404", "413", "422", "500", "503"},
+        ("/webhook", "post"): {"200", "400", "401", "404", "409", "413", "422", "500", "503"},
         ("/healthz", "get"): {"200", "503"},
         ("/metrics", "get"): {"200", "500"},
     }

@@ -32,12 +32,34 @@ def test_every_variable_is_read() -> None:
         "RP_HOST": "0.0.0.0",
         "RP_PORT": "8080",
         "RP_MAX_WAIT": "5",
+        "RP_BUDGET_URL": "redis://127.0.0.1:6379/0",
+        "RP_BUDGET_KEY": "k",
+        "RP_WEBHOOK_SECRETS": "first-secret-0123456789,second-secret-0123456789",
+        "RP_ALLOW_UNSIGNED_WEBHOOKS": "false",
+        "RP_WEBHOOK_TOLERANCE": "120",
+        "RP_MAX_TRANSACTION_BODY": "4096",
+        "RP_MAX_WEBHOOK_BODY": "8192",
+        "RP_ID_FORMAT": "uuid",
+        "RP_EXTRA_FIELDS": "forbid",
     }
     assert set(env) == set(ENV_VARS)
     s = ServiceSettings.from_env(env)
     assert s.partner_url == "https://partner.example:8443/api"
     assert s.webhook_url == "http://10.0.0.5:3200/webhook"
     assert s.push_url == "http://app:3100/transaction"
+    assert (s.budget_url, s.budget_key, s.webhook_tolerance) == (
+        "redis://127.0.0.1:6379/0",
+        "k",
+        120.0,
+    )
+    assert (s.max_transaction_body, s.max_webhook_body, s.id_format, s.extra_fields) == (
+        4096,
+        8192,
+        "uuid",
+        "forbid",
+    )
+    assert not s.allow_unsigned_webhooks
+    assert len(s.webhook_secrets) == 2
     assert (s.push_body, s.storage_url, s.host, s.port, s.max_wait) == (
         "nested",
         "memory://",

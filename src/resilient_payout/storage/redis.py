@@ -213,15 +213,23 @@ def _translated() -> Iterator[None]:
         raise StorageError(f"Redis: {type(exc).__name__}: {exc}") from exc
 
 
-def _client(url: str, *, retries: int, socket_timeout: float) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
+def _client(
+    url: str, *, retries: int, socket_timeout: float, max_connections: int
+) -> aioredis.Redis:
+    # A *blocking* pool: a burst of background work waits for a free connection (up to
+    # socket_timeout) instead of failing with MaxConnectionsError, which would surface as
+    # StorageUnavailable (503) under load.
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=socket_timeout,
         decode_responses=True,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
         client_name="resilient_payout",
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def _redacted(url: str) -> str:
@@ -238,7 +246,8 @@ class RedisStorage:
     ``url`` is anything redis-py accepts (``redis://:pw@host:6379/0``, ``rediss://`` for TLS).
     Every key starts with ``prefix``, so deployments can share a database. A dropped connection
     is retried ``retries`` times (with backoff) before
-    :class:`~resilient_payout.StorageUnavailable`; ``socket_timeout`` bounds each command.
+    :class:`~resilient_payout.StorageUnavailable`; ``socket_timeout`` bounds each command and the
+    wait for one of the ``max_connections`` pooled connections.
     """
 
     def __init__(
@@ -248,6 +257,7 @@ class RedisStorage:
         prefix: str = "rp:",
         retries: int = 3,
         socket_timeout: float = 5.0,
+        max_connections: int = 50,
     ) -> None:
         if not prefix:
             raise ValueError("the Redis key prefix must not be empty")
@@ -255,6 +265,7 @@ class RedisStorage:
         self._prefix = prefix
         self._retries = retries
         self._socket_timeout = socket_timeout
+        self._max_connections = max_connections
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._lock = anyio.Lock()
@@ -296,7 +307,12 @@ class RedisStorage:
         async with self._lock:
             if self._redis is not None:
                 return
-            client = _client(self._url, retries=self._retries, socket_timeout=self._socket_timeout)
+            client = _client(
+                self._url,
+                retries=self._retries,
+                socket_timeout=self._socket_timeout,
+                max_connections=self._max_connections,
+            )
             try:
                 with _translated():
                     await client.ping()
@@ -527,7 +543,7 @@ class RedisCheckBudget:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
         if isinstance(url_or_client, str):
-            self._redis = _client(url_or_client, retries=3, socket_timeout=5.0)
+            self._redis = _client(url_or_client, retries=3, socket_timeout=5.0, max_connections=8)
             self._owned = True
         else:
             self._redis = url_or_client

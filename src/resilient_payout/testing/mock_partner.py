@@ -19,11 +19,16 @@ library, so it stays an independent referee of the client.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
+import hmac
 import json
 import logging
 import math
 import random
+import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import AsyncExitStack
@@ -105,10 +110,16 @@ class MockPartnerConfig:
     p_webhook_before_answer: float = 0.0
     extra_webhook_lag_max: float = 5.0
     """A duplicate or stale webhook follows the real one after uniform(0, this) seconds."""
+    webhook_secret: str | None = None
+    """Set: every webhook carries Standard Webhooks signature headers made with this secret."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "webhook_secret":
+                if value is not None:
+                    _signing_key(value)  # ValueError now rather than at the first webhook
+                continue
             if f.name == "seed":
                 if not isinstance(value, int | str) or isinstance(value, bool):
                     raise TypeError("seed must be an int or a str")
@@ -337,6 +348,24 @@ class _State:
     answers: Counter[str] = field(default_factory=Counter)
 
 
+def _signing_key(secret: str) -> bytes:
+    if secret.startswith("whsec_"):
+        return base64.b64decode(secret[6:], validate=True)
+    return secret.encode()
+
+
+def _sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """Standard Webhooks headers; a copy of ``resilient_payout.webhooks.sign_webhook`` so that
+    the mock stays an independent referee (tests check the two agree)."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_signing_key(secret), signed, hashlib.sha256).digest()
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": "v1," + base64.b64encode(digest).decode(),
+    }
+
+
 def _loop_time_or_none() -> float | None:
     try:
         return anyio.current_time()
@@ -367,6 +396,7 @@ class MockPartner:
         self._jobs = 0
         self._idle: anyio.Event | None = None
         self._waiting: set[_Post] = set()
+        self._epoch_offset = 0.0
 
         # A plain coroutine function, not a bound method, so servers detect ASGI 3 on their own.
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -409,6 +439,9 @@ class MockPartner:
         self._stack = stack
         if self._state.started_at is None:
             self._state.started_at = anyio.current_time()
+        # Epoch time that advances with the loop (virtual in tests), anchored once, for
+        # webhook timestamps: the receiver checks them against its own loop-anchored clock.
+        self._epoch_offset = time.time() - anyio.current_time()
 
     async def stop(self) -> None:
         """Cancel pending background jobs; requests still waiting for an answer get a 503."""
@@ -564,8 +597,16 @@ class MockPartner:
         if client is None:
             return
         state.webhooks_sent += 1
+        body = json.dumps(payload).encode()
+        headers = {"content-type": "application/json"}
+        secret = self._config.webhook_secret
+        if secret is not None:
+            # Every delivery is a new message (own id): a duplicate webhook here models a
+            # partner that sends the news twice, not a retry of one message.
+            now = self._epoch_offset + anyio.current_time()
+            headers |= _sign(secret, f"msg_{uuid.uuid4().hex}", int(now), body)
         try:
-            response = await client.post(url, json=payload)
+            response = await client.post(url, content=body, headers=headers)
         except Exception as exc:  # noqa: BLE001 - one attempt; an in-process receiver may raise anything
             state.webhooks_failed += 1
             logger.warning(
