@@ -10,7 +10,8 @@ ARGS ?=
 help:
 	@echo "make demo   - mock partner + example service + simulated app (SQLite), prints a summary"
 	@echo "make test   - ruff, ruff format --check, mypy --strict, the whole pytest suite"
-	@echo "make bench  - benchmarks into bench-results/"
+	@echo "make bench  - benchmarks into bench-results/ (ARGS=--quick for a short run)"
+	@echo "make soak   - 5-minute soak: service SIGKILLed every 3-10 s under load (ARGS=--minutes N)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
@@ -37,8 +38,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)
 
+soak: $(STAMP)
+	$(BIN)/resilient-payout soak $(ARGS)
+
 build: $(STAMP)
 	rm -rf dist && $(BIN)/python -m build
 
 clean:
-	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results .demo
+	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results .demo .soak

@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import json
+import math
 import os
 import random
 import secrets
@@ -55,6 +57,8 @@ path is two POSTs that both time out, each followed by its late-arrival window a
 check (about 2 x (150 + 2) s by the default policy), which the simulator's 300 s would cut short."""
 _STOP_TIMEOUT_S = 5
 _LOG_TAIL_LINES = 15
+_MIN_RETRY_S = 0.05
+"""The simulator spaces POST retries at least this far apart (its ``_MIN_POLL_S``)."""
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 _SERVE_ENV = {
@@ -117,7 +121,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_demo(sub)
     _add_simulate_reconciliation(sub)
+    _add_soak(sub)
     return parser
+
+
+def _kill_every(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition("-")
+    try:
+        bounds = (float(low), float(high) if sep else float(low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a range of seconds like 3-10: {text!r}") from None
+    if not 0 < bounds[0] <= bounds[1] < float("inf"):
+        raise argparse.ArgumentTypeError(f"need 0 < MIN <= MAX, got {text}")
+    return bounds
+
+
+def _add_soak(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "soak",
+        help="demo under load with the service SIGKILLed and restarted every few seconds",
+        description="Run the mock partner (time-scaled) and the example service as subprocesses, "
+        "load the service with the simulator for --minutes while it is SIGKILLed every "
+        "--kill-every seconds (random, seeded) and restarted on the same port, then grade every "
+        "transfer against the partner. Exit 0 if nothing is wrong, missing, conflicting or paid "
+        "twice and the partner never blocked us, 1 if not, 2 on a setup error.",
+    )
+    add = p.add_argument
+    add("--minutes", type=_positive, default=5.0, help="load duration (default: %(default)g)")
+    # Not 0.05 as in the demo: a restarting process stalls its loop ~100 ms, which at 0.05 is two
+    # scenario seconds in which budgeted checks bunch up at the partner (docs/reliability.md).
+    add("--time-scale", type=_positive, default=0.1, metavar="S", help="(default: %(default)g)")
+    add(
+        "--kill-every",
+        type=_kill_every,
+        default=(3.0, 10.0),
+        metavar="MIN-MAX",
+        help="clock seconds between kills, drawn uniformly (default: 3-10)",
+    )
+    add(
+        "--rate",
+        type=_positive,
+        default=1.0,
+        help="payouts per scenario second (default: %(default)g, i.e. 10/s at scale 0.1)",
+    )
+    add("--storage", metavar="URL", help="default: a fresh SQLite file WORKDIR/soak.db")
+    add("--seed", type=int, default=None, help="fixes kills, partner outcomes and app repeats")
+    add("--json", dest="json_path", type=Path, metavar="PATH", help="also write the report")
+    add("--workdir", type=Path, default=Path(".soak"), metavar="DIR", help="(default: .soak)")
+    add("--progress", action="store_true", help="live progress bar")
+    p.set_defaults(handler=_cmd_soak)
 
 
 def _add_simulate_reconciliation(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -621,9 +673,9 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _fresh_sqlite(workdir: Path) -> str:
-    """The URL of an empty SQLite file in ``workdir`` (the last demo's file is deleted)."""
-    db = workdir / "demo.db"
+def _fresh_sqlite(workdir: Path, name: str = "demo.db") -> str:
+    """The URL of an empty SQLite file in ``workdir`` (the last run's file is deleted)."""
+    db = workdir / name
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     return f"sqlite:///{db}"
@@ -930,6 +982,227 @@ def _finish(
     verdict = "[bold green]OK[/]" if ok else "[bold red]NOT OK[/]"
     console.print(f"demo {verdict} in {time.monotonic() - started:.1f} s")
     return EXIT_OK if ok else EXIT_NOT_OK
+
+
+# -- soak -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SoakResult:
+    """A soak run: the simulator's graded report and what the killer did."""
+
+    report: SimulationReport
+    minutes: float
+    kills: int
+    restart_s: list[float]
+    crashed: list[str]
+    kills_at_s: list[float] = dataclasses.field(default_factory=list)
+    """Scenario seconds since the partner started (about: to compare with the next field)."""
+    busiest_check_seconds: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The partner's busiest scenario seconds for status checks (its ``checks_per_second``)."""
+
+    @property
+    def ok(self) -> bool:
+        """Every transfer correct, none paid twice, no block, nothing died on its own."""
+        return self.report.ok and not self.crashed
+
+    def figures(self) -> dict[str, Any]:
+        """The soak's headline figures (all but ``sent`` and ``final`` must be 0)."""
+        r = self.report
+        return {
+            "sent": r.sent,
+            "final": r.sent - r.missing,
+            "wrong": r.wrong,
+            "missing": r.missing,
+            "double_payments": len(r.double_payments),
+            "conflicting_notifications": r.conflicting + r.pushes_rejected,
+            "blocks": r.blocks,
+            "unsettled": r.unsettled,
+            "unverified": r.unverified,
+            "kills": self.kills,
+            "restart_max_s": round(max(self.restart_s, default=0.0), 3),
+            "crashed": self.crashed,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "minutes": self.minutes,
+            "soak": self.figures(),
+            "restart_s": [round(t, 3) for t in self.restart_s],
+            "kills_at_s": [round(t, 1) for t in self.kills_at_s],
+            "busiest_check_seconds": self.busiest_check_seconds,
+            "report": self.report.to_dict(),
+        }
+
+
+def _cmd_soak(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    seed = ns.seed if ns.seed is not None else random.SystemRandom().randrange(1_000_000)
+    workdir: Path = ns.workdir
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        logs = _prepare_logs(workdir, ["partner", "service"], keep=False)
+        storage = ns.storage if ns.storage is not None else _fresh_sqlite(workdir, "soak.db")
+    except OSError as exc:
+        _error(f"soak: cannot prepare {workdir}: {exc}")
+        return EXIT_SETUP
+    console.print(
+        f"[bold]resilient-payout soak[/]: {ns.minutes:g} min, {ns.rate:g} payouts per scenario "
+        f"second, time scale {ns.time_scale:g}, SIGKILL every {ns.kill_every[0]:g}-"
+        f"{ns.kill_every[1]:g} s, seed {seed}, storage {_redact(storage)}, logs in {workdir}"
+    )
+    previous = _install_stop_signals()
+    try:
+        result = run_soak(
+            minutes=ns.minutes,
+            time_scale=ns.time_scale,
+            kill_every=ns.kill_every,
+            rate=ns.rate,
+            storage=storage,
+            seed=seed,
+            partner_log=logs[0],
+            service_log=logs[1],
+            progress=ns.progress,
+            console=console,
+        )
+    except _Terminated:
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        _restore_signals(previous)
+    if result is None:
+        return EXIT_SETUP
+    from .testing.simulator import render_summary
+
+    console.print(render_summary(result.report))
+    figures = result.figures()
+    console.print("soak: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+    if ns.json_path is not None:
+        try:
+            ns.json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", "utf-8")
+        except OSError as exc:
+            console.print(f"[red]soak: cannot write the report: {exc}[/]")
+    verdict = "[bold green]OK[/]" if result.ok else "[bold red]NOT OK[/]"
+    console.print(f"soak {verdict}")
+    return EXIT_OK if result.ok else EXIT_NOT_OK
+
+
+def run_soak(
+    *,
+    minutes: float,
+    time_scale: float,
+    kill_every: tuple[float, float],
+    rate: float,
+    storage: str,
+    seed: int,
+    partner_log: Path,
+    service_log: Path,
+    progress: bool = False,
+    console: Console | None = None,
+) -> SoakResult | None:
+    """Partner and service as subprocesses on free loopback ports, the simulator in this
+    process, the service SIGKILLed every ``kill_every`` clock seconds for ``minutes`` and
+    restarted on its port. None if a process did not start."""
+    import anyio
+    import httpx
+    from rich.console import Console as _Console
+
+    from .testing.simulator import Simulator, SimulatorConfig
+
+    out = console if console is not None else _Console(stderr=True, highlight=False)
+    partner_port, service_port, client_port = _free_ports(3)
+    partner_url = f"http://{LOOPBACK}:{partner_port}"
+    service_url = f"http://{LOOPBACK}:{service_port}"
+    n = max(1, round(minutes * 60 * rate / time_scale))
+    config = SimulatorConfig(
+        api_url=service_url,
+        partner_url=partner_url,
+        n=n,
+        rate=rate,
+        seed=seed,
+        time_scale=time_scale,
+        listen_host=LOOPBACK,
+        listen_port=client_port,
+        push_shape="flat",
+        deadline=_DEMO_DEADLINE,
+        # The app retries its first POST through a restart (a refused or reset connection); a
+        # restart takes a second or two of clock time, so spread the retries over ~20 s.
+        post_retries=max(3, math.ceil(20.0 / max(time_scale, _MIN_RETRY_S))),
+    )
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    env = {
+        **os.environ,
+        **_no_proxy_for_loopback(),
+        "PYTHONUNBUFFERED": "1",
+        "RP_STORAGE_URL": storage,
+        "RP_WEBHOOK_SECRETS": secret,
+        "RP_PARTNER_WEBHOOK_SECRET": secret,
+    }
+    scale = f"{time_scale:g}"
+    service_args = [
+        *("serve", "--host", LOOPBACK, "--port", str(service_port), "--time-scale", scale),
+        *("--partner-url", partner_url, "--public-url", service_url, "--log-level", "warning"),
+        *("--client-url", f"http://{LOOPBACK}:{client_port}", "--push-body", "flat"),
+    ]
+    partner_args = [
+        *("mock-partner", "--host", LOOPBACK, "--port", str(partner_port), "--seed", str(seed)),
+        *("--time-scale", scale, "--log-level", "warning"),
+    ]
+    service_ready = f"{service_url}/healthz"
+    children = [
+        _spawn("mock partner", partner_args, partner_log, f"{partner_url}/_mock/stats", env),
+        _spawn("example service", service_args, service_log, service_ready, env),
+    ]
+    rng = random.Random(seed)
+    restarts: list[float] = []
+    failed_restarts: list[str] = []
+    kills_at: list[float] = []
+    partner_t0 = time.monotonic()
+
+    async def killer(until: float) -> None:
+        while True:
+            await anyio.sleep(rng.uniform(*kill_every))
+            if time.monotonic() >= until:
+                return
+            victim = children[1]
+            kills_at.append((time.monotonic() - partner_t0) / time_scale)
+            _signal_group(victim, signal.SIGKILL)
+            await anyio.to_thread.run_sync(victim.proc.wait)
+            t0 = time.monotonic()
+            children[1] = _spawn("example service", service_args, service_log, service_ready, env)
+            if not await anyio.to_thread.run_sync(_wait_ready, [children[1]], out):
+                # No more kills; the run goes on and grades what it can (missing outcomes).
+                failed_restarts.append("example service (restart)")
+                return
+            restarts.append(time.monotonic() - t0)
+
+    async def run() -> SoakResult:
+        simulator = Simulator(config)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(killer, time.monotonic() + minutes * 60)
+            report = await simulator.run(progress)
+            tg.cancel_scope.cancel()
+        crashed = [c.name for c in children if c.proc.poll() is not None] + failed_restarts
+        busiest: dict[str, int] = {}
+        with contextlib.suppress(Exception):  # diagnostics only; the report has the verdict
+            async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+                stats = (await http.get(f"{partner_url}/_mock/stats")).json()
+            top = sorted(stats["checks_per_second"].items(), key=lambda kv: -kv[1])[:8]
+            busiest = {str(k): int(v) for k, v in top}
+        return SoakResult(report, minutes, len(restarts), restarts, crashed, kills_at, busiest)
+
+    try:
+        if not _wait_ready(children, out):
+            return None
+        partner_t0 = time.monotonic()
+        with _environ(_no_proxy_for_loopback()):
+            return anyio.run(run)
+    finally:
+        _stop(children, out)
 
 
 _Handlers = dict[signal.Signals, Any]

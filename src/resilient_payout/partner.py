@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import time
+import zlib
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, runtime_checkable
@@ -48,6 +49,11 @@ from ._model import (
 from ._policy import Policy
 
 __all__ = ["HttpPartner", "Partner"]
+
+# 16 pools of 128 connections: 2,048 slow calls in flight without any pool growing large.
+_SHARDS = 16
+_SHARD_CONNECTIONS = 128
+_SHARD_KEEPALIVE = 16
 
 logger = logging.getLogger("resilient_payout.partner")
 
@@ -129,25 +135,40 @@ class HttpPartner:
         )
         self._owns_client = client is None
         if client is None:
-            client = httpx.AsyncClient(
-                timeout=self._submit_timeout,
-                # Each in-flight POST holds a connection for up to ~30 s; max_concurrent_work
-                # (1000 by default) of them plus checks must never wait for the pool.
-                limits=httpx.Limits(
-                    max_connections=2000,
-                    max_keepalive_connections=500,
-                    # Below common server idle timeouts (5 s in uvicorn and Node): reusing a
-                    # connection the server is closing makes a POST Uncertain for nothing.
-                    keepalive_expiry=2.0,
-                ),
-                follow_redirects=False,
-            )
-        self._client = client
+            # Several small pools instead of one big one: httpcore walks every connection of a
+            # pool on each request start and close, so one pool of 2,000 connections costs
+            # O(n) per event and dominated the CPU with ~1,000 slow POSTs in flight
+            # (docs/performance.md). A payout always uses the same shard. One TLS context for
+            # all of them: building one per client is the expensive part of creating a client.
+            tls = httpx.create_ssl_context()
+            self._clients = [
+                httpx.AsyncClient(
+                    verify=tls,
+                    timeout=self._submit_timeout,
+                    limits=httpx.Limits(
+                        max_connections=_SHARD_CONNECTIONS,
+                        max_keepalive_connections=_SHARD_KEEPALIVE,
+                        # Below common server idle timeouts (5 s in uvicorn and Node): reusing a
+                        # connection the server is closing makes a POST Uncertain for nothing.
+                        keepalive_expiry=2.0,
+                    ),
+                    follow_redirects=False,
+                )
+                for _ in range(_SHARDS)
+            ]
+        else:
+            self._clients = [client]
+
+    def _client_for(self, payout_id: str) -> httpx.AsyncClient:
+        if len(self._clients) == 1:
+            return self._clients[0]
+        return self._clients[zlib.crc32(payout_id.encode()) % len(self._clients)]
 
     async def aclose(self) -> None:
         """Close the HTTP client if this partner created it."""
         if self._owns_client:
-            await self._client.aclose()
+            for client in self._clients:
+                await client.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -165,7 +186,7 @@ class HttpPartner:
         url = f"{self._base}/transaction"
         payload = {"id": payout_id, "webhookUrl": webhook_url}
         try:
-            answer = await self._exchange("POST", url, payload, self._submit_timeout)
+            answer = await self._exchange(payout_id, "POST", url, payload, self._submit_timeout)
         except _NOT_SENT_ERRORS as exc:
             outcome: SubmitOutcome = NotSent(_describe(exc))
         except _SENT_ERRORS as exc:
@@ -184,7 +205,7 @@ class HttpPartner:
         """GET ``{base}/transaction/{id}`` and classify the result; never raises for the partner."""
         url = f"{self._base}/transaction/{quote(payout_id, safe='')}"
         try:
-            answer = await self._exchange("GET", url, None, self._check_timeout)
+            answer = await self._exchange(payout_id, "GET", url, None, self._check_timeout)
         except _NOT_SENT_ERRORS + _SENT_ERRORS as exc:
             outcome: CheckOutcome = CheckFailed(_describe(exc))
         except Exception as exc:
@@ -196,10 +217,15 @@ class HttpPartner:
         return outcome
 
     async def _exchange(
-        self, method: str, url: str, payload: dict[str, Any] | None, timeouts: httpx.Timeout
+        self,
+        payout_id: str,
+        method: str,
+        url: str,
+        payload: dict[str, Any] | None,
+        timeouts: httpx.Timeout,
     ) -> _Answer:
         # A redirect of the POST could re-send it elsewhere; the partner never redirects.
-        async with self._client.stream(
+        async with self._client_for(payout_id).stream(
             method, url, json=payload, timeout=timeouts, follow_redirects=False
         ) as response:
             body = await _read_capped(response)

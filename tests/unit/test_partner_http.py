@@ -386,19 +386,24 @@ async def test_a_redirect_is_never_followed_even_by_an_injected_client(
 
 async def test_owned_client_is_configured_from_policy_and_closed_by_aclose() -> None:
     p = HttpPartner(BASE, policy=POLICY)
-    client = p._client
-    assert client.timeout == httpx.Timeout(connect=1.5, read=33.0, write=1.5, pool=1.5)
-    assert not client.is_closed
+    clients = p._clients
+    assert len(clients) > 1  # small pools: httpcore's bookkeeping is O(connections per pool)
+    for client in clients:
+        assert client.timeout == httpx.Timeout(connect=1.5, read=33.0, write=1.5, pool=1.5)
+        assert not client.is_closed
+    # A payout always goes through the same pool.
+    assert p._client_for("p-1") is p._client_for("p-1")
+    assert len({id(p._client_for(f"p-{i}")) for i in range(200)}) == len(clients)
 
     await p.aclose()
 
-    assert client.is_closed
+    assert all(client.is_closed for client in clients)
 
 
 async def test_async_with_closes_the_owned_client() -> None:
     async with HttpPartner(BASE) as p:
-        client = p._client
-    assert client.is_closed
+        clients = p._clients
+    assert all(client.is_closed for client in clients)
 
 
 async def test_injected_client_is_not_closed() -> None:

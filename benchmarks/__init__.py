@@ -1,0 +1,1 @@
+"""Benchmarks of resilient_payout: ``python -m benchmarks``; see docs/performance.md."""
