@@ -30,8 +30,9 @@ from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from ._urls import redact_url as _redact
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -662,15 +663,6 @@ def _prepare_logs(workdir: Path, names: Sequence[str], keep: bool) -> list[Path]
         log.write_bytes(b"")
         logs.append(log)
     return logs
-
-
-def _redact(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _fresh_sqlite(workdir: Path, name: str = "demo.db") -> str:

@@ -114,6 +114,7 @@ from ._errors import (
 )
 from ._model import Payout, PayoutRequest, PayoutStatus
 from ._policy import Policy
+from ._urls import redact_url as _redact
 from ._version import __version__
 from .notify import HttpNotifier
 from .partner import HttpPartner
@@ -191,15 +192,6 @@ _APP_STATUS: Final[Mapping[PayoutStatus, AppStatus]] = {
 
 
 # -- settings ------------------------------------------------------------------------------------
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, fit for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def _base_url(value: str) -> str:

@@ -43,3 +43,13 @@ def test_package_ships_py_typed() -> None:
     from importlib.resources import files
 
     assert files("resilient_payout").joinpath("py.typed").is_file()
+
+
+def test_urls_are_redacted_the_same_way_everywhere() -> None:
+    from resilient_payout._urls import redact_url
+
+    assert redact_url("postgresql://u:s3cr@t@db:5432/x?schema=a") == (
+        "postgresql://u:***@db:5432/x?schema=a"
+    )
+    assert redact_url("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redact_url("sqlite:///payouts.db") == "sqlite:///payouts.db"

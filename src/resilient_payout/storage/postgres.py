@@ -36,6 +36,7 @@ import asyncpg
 
 from .._errors import StorageError, StorageUnavailable
 from .._model import OutboxEntry, Payout, PayoutStatus
+from .._urls import redact_url as _redacted
 
 __all__ = ["MIGRATIONS", "PostgresStorage"]
 
@@ -260,15 +261,6 @@ def _lock_key(schema: str) -> int:
     """A stable signed 64-bit advisory-lock key for migrating ``schema``."""
     digest = hashlib.blake2b(f"resilient_payout:migrate:{schema}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
-
-
-def _redacted(dsn: str) -> str:
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 class PostgresStorage:

@@ -41,6 +41,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from .._errors import StorageError, StorageUnavailable
 from .._model import OutboxEntry, Payout, PayoutStatus
+from .._urls import redact_url as _redacted
 
 __all__ = ["RedisCheckBudget", "RedisStorage"]
 
@@ -230,14 +231,6 @@ def _client(
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
     )
     return aioredis.Redis(connection_pool=pool)
-
-
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 class RedisStorage:
