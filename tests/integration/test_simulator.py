@@ -575,3 +575,32 @@ async def test_standalone_receiver_over_real_sockets() -> None:
     assert report.pushes_received == 5
     assert report.finals_by_channel == {"push": 5}
     assert report.ok
+
+
+async def test_a_push_cut_off_by_a_dying_service_is_neither_an_error_nor_counted() -> None:
+    sim = Simulator(config())
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "PUT",
+        "path": "/transaction",
+        "raw_path": b"/transaction",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"40")],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("127.0.0.1", 3100),
+        "client": ("127.0.0.1", 50000),
+        "root_path": "",
+    }
+    await sim.receiver_app(scope, receive, send)
+    assert sent[0]["status"] == 499
+    assert sim._count.pushes_received == 0
+    assert sim._count.pushes_rejected == 0

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -611,6 +611,9 @@ class Simulator:
     async def _on_push(self, request: Request) -> Response:
         try:
             body = await request.json()
+        except ClientDisconnect:
+            # The service died mid-push (a soak kills it on purpose): it will push again.
+            return Response(status_code=499)
         except ValueError:
             body = None
         parsed = _parse_push(body, self.config.push_shape)
