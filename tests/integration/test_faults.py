@@ -18,7 +18,7 @@ import json
 import sqlite3
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,43 +348,38 @@ def _proxied(proxy: TcpProxy) -> Callable[[], AbstractAsyncContextManager[None]]
     return down
 
 
-@pytest.mark.postgres
-async def test_postgres_outage_gives_503_and_then_everything_completes() -> None:
-    url = await server_url("postgres")
+_SERVER_BACKENDS = [
+    pytest.param(
+        "postgres", PostgresStorage, "schema", fresh_schema, drop_schema, marks=pytest.mark.postgres
+    ),
+    pytest.param(
+        "redis", RedisStorage, "prefix", fresh_prefix, delete_prefix, marks=pytest.mark.redis
+    ),
+]
+
+
+@pytest.mark.parametrize(("server", "backend", "param", "fresh", "cleanup"), _SERVER_BACKENDS)
+async def test_server_storage_outage_gives_503_and_then_everything_completes(
+    server: str,
+    backend: Any,
+    param: str,
+    fresh: Callable[[], str],
+    cleanup: Callable[[str, str], Awaitable[None]],
+) -> None:
+    url = await server_url(server)
     proxy = TcpProxy(url)
     await proxy.start()
-    schema = fresh_schema()
+    namespace = fresh()
     sep = "&" if "?" in url else "?"
-    proxied = f"{with_port(url, proxy.port)}{sep}schema={schema}"
+    proxied = f"{with_port(url, proxy.port)}{sep}{param}={namespace}"
     try:
         async with stack(
             BASE.replace(p_timeout=0.2),
-            storage=lambda: PostgresStorage.from_url(proxied),
+            storage=lambda: backend.from_url(proxied),
             storage_url=proxied,
             scale=REAL_SCALE,
         ) as st:
             await _outage_scenario(st, _proxied(proxy), "storage-unavailable")
     finally:
         await proxy.stop()
-        await drop_schema(url, schema)
-
-
-@pytest.mark.redis
-async def test_redis_outage_gives_503_and_then_everything_completes() -> None:
-    url = await server_url("redis")
-    proxy = TcpProxy(url)
-    await proxy.start()
-    prefix = fresh_prefix()
-    sep = "&" if "?" in url else "?"
-    proxied = f"{with_port(url, proxy.port)}{sep}prefix={prefix}"
-    try:
-        async with stack(
-            BASE.replace(p_timeout=0.2),
-            storage=lambda: RedisStorage.from_url(proxied),
-            storage_url=proxied,
-            scale=REAL_SCALE,
-        ) as st:
-            await _outage_scenario(st, _proxied(proxy), "storage-unavailable")
-    finally:
-        await proxy.stop()
-        await delete_prefix(url, prefix)
+        await cleanup(url, namespace)
