@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "--whatif",
         default="",
         help="run benchmarks.whatif_service with these options instead of the stock service, "
-        "e.g. '--sniffio-stub --shards 16' (docs/performance.md)",
+        "e.g. '--httpx' (docs/performance.md)",
     )
     ns = ap.parse_args(argv)
     _stack.WHATIF[:] = ns.whatif.split()

@@ -1,27 +1,19 @@
-"""The example service with the proposed fixes applied from outside ``src/`` (what-if runs).
+"""The example service with an alternative wiring, for before/after runs (what-ifs).
 
 ``python -m benchmarks.whatif_service --port P --partner URL --client URL --storage URL
-[--sniffio-stub] [--shards K] [--aiohttp]``: ``create_app`` with a ``client_factory`` that
-shards HttpPartner's httpx pool over K clients, or sends the partner POSTs and the pushes through
-aiohttp (``pip install aiohttp``); ``--sniffio-stub`` makes ``import sniffio`` succeed, as
-installing sniffio would. Library code is unchanged; see docs/performance.md.
+[--httpx]``: ``create_app`` with a ``client_factory`` that sends the partner calls and the pushes
+through httpx clients (the library's default before 0.6: 16 pools of 128 connections for the
+partner) instead of the default aiohttp pool. Library code is unchanged; see
+docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import types
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
-
-
-def _stub_sniffio() -> None:
-    stub = types.ModuleType("sniffio")
-    stub.current_async_library = lambda: "asyncio"  # type: ignore[attr-defined]
-    sys.modules["sniffio"] = stub
 
 
 def main() -> None:
@@ -31,22 +23,18 @@ def main() -> None:
     ap.add_argument("--partner", required=True)
     ap.add_argument("--client", required=True)
     ap.add_argument("--storage", default="memory://")
-    ap.add_argument("--sniffio-stub", action="store_true")
-    ap.add_argument("--shards", type=int, default=1)
-    ap.add_argument("--aiohttp", action="store_true")
+    ap.add_argument("--httpx", action="store_true", help="partner calls and pushes over httpx")
     ns = ap.parse_args()
-    if ns.sniffio_stub:
-        _stub_sniffio()
 
     import httpx
     import uvicorn
 
     from resilient_payout import HttpNotifier, HttpPartner, PayoutClient, storage_from_url
-    from resilient_payout import partner as partner_module
     from resilient_payout.fastapi import ServiceSettings, create_app
-    from resilient_payout.notify import NotificationFailed
 
     class Sharded:
+        """One HttpPartner per httpx pool; a payout always uses the same one."""
+
         def __init__(self, parts: list[HttpPartner]) -> None:
             self.parts = parts
 
@@ -58,31 +46,6 @@ def main() -> None:
 
         async def check(self, payout_id: str) -> Any:
             return await self._pick(payout_id).check(payout_id)
-
-    class AioPartner(HttpPartner):
-        def __init__(self, base: str, session: Any, policy: Any) -> None:
-            super().__init__(base, policy=policy)
-            self._session = session
-
-        async def _exchange(self, method: str, url: str, payload: Any, timeouts: Any) -> Any:
-            async with self._session.request(method, url, json=payload) as r:
-                return partner_module._Answer(r.status, r.headers, await r.read())
-
-    class AioNotifier(HttpNotifier):
-        def __init__(self, url: str, session: Any) -> None:
-            super().__init__(url)
-            self._session = session
-
-        async def deliver(self, payout_id: str, status: Any) -> None:
-            import aiohttp
-
-            try:
-                async with self._session.put(self.url, json=self.payload(payout_id, status)) as r:
-                    ok = 200 <= r.status < 300
-            except aiohttp.ClientError as exc:
-                raise NotificationFailed(str(exc)) from exc
-            if not ok:
-                raise NotificationFailed(f"HTTP {r.status}")
 
     settings = ServiceSettings(
         partner_url=ns.partner,
@@ -96,27 +59,23 @@ def main() -> None:
         policy = s.policy()
         async with AsyncExitStack() as stack:
             partner: Any
-            if ns.aiohttp:
-                import aiohttp
-
-                ps = await stack.enter_async_context(
-                    aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2000))
-                )
-                pushes = await stack.enter_async_context(aiohttp.ClientSession())
-                partner = AioPartner(s.partner_url, ps, policy)
-                notifier: HttpNotifier = AioNotifier(s.push_url, pushes)
-            else:
+            if ns.httpx:
                 limits = httpx.Limits(
-                    max_connections=max(1, 2000 // ns.shards),
-                    max_keepalive_connections=max(1, 256 // ns.shards),
-                    keepalive_expiry=2.0,
+                    max_connections=128, max_keepalive_connections=16, keepalive_expiry=2.0
                 )
                 clients = [
                     await stack.enter_async_context(httpx.AsyncClient(limits=limits))
-                    for _ in range(ns.shards)
+                    for _ in range(16)
                 ]
-                parts = [HttpPartner(s.partner_url, client=c, policy=policy) for c in clients]
-                partner = Sharded(parts) if ns.shards > 1 else parts[0]
+                partner = Sharded(
+                    [HttpPartner(s.partner_url, client=c, policy=policy) for c in clients]
+                )
+                push_client = await stack.enter_async_context(httpx.AsyncClient())
+                notifier = HttpNotifier(
+                    s.push_url, client=push_client, timeout=policy.notify_timeout
+                )
+            else:
+                partner = await stack.enter_async_context(HttpPartner(s.partner_url, policy=policy))
                 notifier = HttpNotifier(s.push_url, timeout=policy.notify_timeout)
             await stack.enter_async_context(notifier)
             client = PayoutClient(

@@ -28,6 +28,7 @@ from tenacity import (
 )
 
 from ._errors import NotificationFailed
+from ._http import AiohttpClient, TransportError
 from ._model import PayoutStatus
 from ._policy import Policy
 
@@ -44,6 +45,9 @@ logger = logging.getLogger("resilient_payout.notify")
 
 BodyShape = Literal["flat", "nested"]
 
+# One app backend, answering in milliseconds: a few hundred outcomes/s need a few connections.
+_MAX_CONNECTIONS = 100
+
 
 @runtime_checkable
 class Notifier(Protocol):
@@ -58,8 +62,9 @@ class HttpNotifier:
     """``PUT {url}`` with ``{"id", "status"}`` (``body="flat"``) or ``{"status": {"id",
     "status"}}`` (``body="nested"``, what the historic client parses). Any 2xx acknowledges.
 
-    Without ``client`` it owns an :class:`httpx.AsyncClient`, closed by :meth:`aclose` (or
-    ``async with``); an injected client is never closed here.
+    Without ``client`` it owns an aiohttp connection pool (the same lean client as
+    :class:`~resilient_payout.HttpPartner`), opened on first use and closed by :meth:`aclose` (or
+    ``async with``). An injected :class:`httpx.AsyncClient` is used instead and never closed here.
     """
 
     def __init__(
@@ -77,8 +82,9 @@ class HttpNotifier:
         self.body: BodyShape = body
         self.method = method
         self._timeout = httpx.Timeout(timeout)
-        self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient(timeout=self._timeout)
+        self._seconds = timeout
+        self._client = client
+        self._own = AiohttpClient(max_connections=_MAX_CONNECTIONS) if client is None else None
 
     def payload(self, payout_id: str, status: PayoutStatus) -> dict[str, Any]:
         """The JSON body sent for one outcome."""
@@ -86,19 +92,38 @@ class HttpNotifier:
         return flat if self.body == "flat" else {"status": flat}
 
     async def deliver(self, payout_id: str, status: PayoutStatus) -> None:
-        try:
-            response = await self._client.request(
-                self.method, self.url, json=self.payload(payout_id, status), timeout=self._timeout
-            )
-        except (httpx.RequestError, httpx.InvalidURL) as exc:
-            raise NotificationFailed(f"push of {payout_id!r} failed: {type(exc).__name__}") from exc
-        if not response.is_success:
-            raise NotificationFailed(f"push of {payout_id!r} got HTTP {response.status_code}")
+        payload = self.payload(payout_id, status)
+        if self._own is not None:
+            try:
+                answer = await self._own.request(
+                    self.method,
+                    self.url,
+                    payload,
+                    connect_timeout=self._seconds,
+                    read_timeout=self._seconds,
+                    total_timeout=self._seconds,
+                )
+            except TransportError as exc:
+                raise NotificationFailed(f"push of {payout_id!r} failed: {exc.reason}") from exc
+            code = answer.status_code
+        else:
+            assert self._client is not None
+            try:
+                response = await self._client.request(
+                    self.method, self.url, json=payload, timeout=self._timeout
+                )
+            except (httpx.RequestError, httpx.InvalidURL) as exc:
+                raise NotificationFailed(
+                    f"push of {payout_id!r} failed: {type(exc).__name__}"
+                ) from exc
+            code = response.status_code
+        if not 200 <= code < 300:
+            raise NotificationFailed(f"push of {payout_id!r} got HTTP {code}")
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this notifier created it."""
-        if self._owns_client:
-            await self._client.aclose()
+        """Close the connection pool if this notifier created it."""
+        if self._own is not None:
+            await self._own.aclose()
 
     async def __aenter__(self) -> Self:
         return self

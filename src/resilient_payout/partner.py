@@ -25,14 +25,14 @@ import json
 import logging
 import re
 import time
-import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, runtime_checkable
 from urllib.parse import quote
 
 import httpx
 
+from ._http import MAX_BODY, AiohttpClient, Answer, TransportError
 from ._model import (
     Accepted,
     CheckFailed,
@@ -50,15 +50,14 @@ from ._policy import Policy
 
 __all__ = ["HttpPartner", "Partner"]
 
-# 16 pools of 128 connections: 2,048 slow calls in flight without any pool growing large.
-_SHARDS = 16
-_SHARD_CONNECTIONS = 128
-_SHARD_KEEPALIVE = 16
+# Thousands of slow calls in flight (answers take up to 10 s, 504s 30 s): at 200 new payouts/s
+# that is 2,000 open POSTs. Beyond it, calls wait for a connection up to connect_timeout and then
+# fail as NotSent, which the lifecycle retries.
+_MAX_CONNECTIONS = 2048
 
 logger = logging.getLogger("resilient_payout.partner")
 
-_MAX_BODY: Final = 64 * 1024
-"""Partner answers are tiny; a bigger body is garbage and is not read further."""
+_MAX_BODY: Final = MAX_BODY
 _MAX_REASON: Final = 200
 _REFUSED: Final = frozenset({400, 401, 403, 422})
 _DELAY_SECONDS: Final = re.compile(r"\d+(\.\d+)?")
@@ -93,20 +92,15 @@ class Partner(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    status_code: int
-    headers: httpx.Headers
-    body: bytes | None
-    """None when the body exceeded :data:`_MAX_BODY`."""
-
-
 class HttpPartner:
-    """The partner over HTTP (httpx), classifying every answer as the module table says.
+    """The partner over HTTP, classifying every answer as the module table says.
 
-    Without ``client`` it owns an :class:`httpx.AsyncClient` sized for thousands of slow
-    concurrent calls, closed by :meth:`aclose` (or ``async with``). An injected client is used as
-    it is and never closed here; timeouts are passed per request either way.
+    Without ``client`` it owns an aiohttp connection pool sized for thousands of slow concurrent
+    calls (see :mod:`resilient_payout._http` for why not httpx there), opened on first use and
+    closed by :meth:`aclose` (or ``async with``). With an injected :class:`httpx.AsyncClient`
+    (ASGI apps in tests, mocks, proxies, client certificates) that client is used as it is and
+    never closed here. Timeouts come from the policy per request either way, and redirects are
+    never followed.
     """
 
     def __init__(
@@ -119,8 +113,9 @@ class HttpPartner:
         self._policy = policy if policy is not None else Policy()
         self._base = base_url.rstrip("/")
         p = self._policy
-        # Write and pool waits are bounded by the connect timeout so that one POST cannot outlive
-        # policy.submit_deadline (> connect + read) by much, and a pool wait fails as NotSent.
+        # Write and pool waits are bounded by the connect timeout, so that a pool wait fails as
+        # NotSent; the default client also caps the whole exchange at connect + read, below
+        # policy.submit_deadline (an injected httpx client bounds each read only).
         self._submit_timeout = httpx.Timeout(
             connect=p.connect_timeout,
             read=p.read_timeout,
@@ -133,42 +128,15 @@ class HttpPartner:
             write=p.connect_timeout,
             pool=p.connect_timeout,
         )
-        self._owns_client = client is None
-        if client is None:
-            # Several small pools instead of one big one: httpcore walks every connection of a
-            # pool on each request start and close, so one pool of 2,000 connections costs
-            # O(n) per event and dominated the CPU with ~1,000 slow POSTs in flight
-            # (docs/performance.md). A payout always uses the same shard. One TLS context for
-            # all of them: building one per client is the expensive part of creating a client.
-            tls = httpx.create_ssl_context()
-            self._clients = [
-                httpx.AsyncClient(
-                    verify=tls,
-                    timeout=self._submit_timeout,
-                    limits=httpx.Limits(
-                        max_connections=_SHARD_CONNECTIONS,
-                        max_keepalive_connections=_SHARD_KEEPALIVE,
-                        # Below common server idle timeouts (5 s in uvicorn and Node): reusing a
-                        # connection the server is closing makes a POST Uncertain for nothing.
-                        keepalive_expiry=2.0,
-                    ),
-                    follow_redirects=False,
-                )
-                for _ in range(_SHARDS)
-            ]
-        else:
-            self._clients = [client]
-
-    def _client_for(self, payout_id: str) -> httpx.AsyncClient:
-        if len(self._clients) == 1:
-            return self._clients[0]
-        return self._clients[zlib.crc32(payout_id.encode()) % len(self._clients)]
+        self._client = client
+        self._own: AiohttpClient | None = (
+            AiohttpClient(max_connections=_MAX_CONNECTIONS) if client is None else None
+        )
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this partner created it."""
-        if self._owns_client:
-            for client in self._clients:
-                await client.aclose()
+        """Close the connection pool if this partner created it."""
+        if self._own is not None:
+            await self._own.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -186,9 +154,15 @@ class HttpPartner:
         url = f"{self._base}/transaction"
         payload = {"id": payout_id, "webhookUrl": webhook_url}
         try:
-            answer = await self._exchange(payout_id, "POST", url, payload, self._submit_timeout)
+            answer = await self._exchange("POST", url, payload, self._submit_timeout)
+        except TransportError as exc:
+            outcome: SubmitOutcome = (
+                Uncertain(exc.reason[:_MAX_REASON])
+                if exc.sent
+                else NotSent(exc.reason[:_MAX_REASON])
+            )
         except _NOT_SENT_ERRORS as exc:
-            outcome: SubmitOutcome = NotSent(_describe(exc))
+            outcome = NotSent(_describe(exc))
         except _SENT_ERRORS as exc:
             outcome = Uncertain(_describe(exc))
         except Exception as exc:
@@ -205,9 +179,11 @@ class HttpPartner:
         """GET ``{base}/transaction/{id}`` and classify the result; never raises for the partner."""
         url = f"{self._base}/transaction/{quote(payout_id, safe='')}"
         try:
-            answer = await self._exchange(payout_id, "GET", url, None, self._check_timeout)
+            answer = await self._exchange("GET", url, None, self._check_timeout)
+        except TransportError as exc:
+            outcome: CheckOutcome = CheckFailed(exc.reason[:_MAX_REASON])
         except _NOT_SENT_ERRORS + _SENT_ERRORS as exc:
-            outcome: CheckOutcome = CheckFailed(_describe(exc))
+            outcome = CheckFailed(_describe(exc))
         except Exception as exc:
             logger.error("check %s: unexpected %s", payout_id, type(exc).__name__, exc_info=True)
             outcome = CheckFailed(f"unexpected {_describe(exc)}")
@@ -218,18 +194,31 @@ class HttpPartner:
 
     async def _exchange(
         self,
-        payout_id: str,
         method: str,
         url: str,
         payload: dict[str, Any] | None,
         timeouts: httpx.Timeout,
-    ) -> _Answer:
+    ) -> Answer:
+        if self._own is not None:
+            assert timeouts.connect is not None
+            assert timeouts.read is not None
+            return await self._own.request(
+                method,
+                url,
+                payload,
+                connect_timeout=timeouts.connect,
+                read_timeout=timeouts.read,
+                # sock_read bounds each read, not the exchange: a partner trickling bytes must
+                # not keep a POST open past submit_deadline (> connect + read).
+                total_timeout=timeouts.connect + timeouts.read,
+            )
+        assert self._client is not None
         # A redirect of the POST could re-send it elsewhere; the partner never redirects.
-        async with self._client_for(payout_id).stream(
+        async with self._client.stream(
             method, url, json=payload, timeout=timeouts, follow_redirects=False
         ) as response:
             body = await _read_capped(response)
-            return _Answer(response.status_code, response.headers, body)
+            return Answer(response.status_code, response.headers, body)
 
 
 async def _read_capped(response: httpx.Response) -> bytes | None:
@@ -241,7 +230,7 @@ async def _read_capped(response: httpx.Response) -> bytes | None:
     return bytes(buf)
 
 
-def _classify_submit(payout_id: str, answer: _Answer) -> SubmitOutcome:
+def _classify_submit(payout_id: str, answer: Answer) -> SubmitOutcome:
     code = answer.status_code
     if code == 200:
         status = _parse_record(payout_id, answer.body)
@@ -256,7 +245,7 @@ def _classify_submit(payout_id: str, answer: _Answer) -> SubmitOutcome:
     return Uncertain(f"HTTP {code}")
 
 
-def _classify_check(payout_id: str, answer: _Answer) -> CheckOutcome:
+def _classify_check(payout_id: str, answer: Answer) -> CheckOutcome:
     code = answer.status_code
     if code == 200:
         status = _parse_record(payout_id, answer.body)
@@ -316,7 +305,7 @@ def _clean(text: str) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
-def _parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+def _parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delay-seconds or HTTP-date), or None.
 
     An HTTP-date is measured against the response's own ``Date`` header when there is one, so

@@ -7,7 +7,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -32,6 +33,14 @@ pytestmark = pytest.mark.anyio
 
 PUSH_URL = "http://127.0.0.1:3100/transaction"
 POLICY = Policy()  # notify_backoff_initial=0.5, notify_backoff_max=60, 4 attempts per round
+
+
+@asynccontextmanager
+async def on_httpx(**kwargs: Any) -> AsyncIterator[HttpNotifier]:
+    """An HttpNotifier on an injected httpx client, which respx intercepts. The default (aiohttp)
+    client is tested against real sockets in test_default_transport.py."""
+    async with httpx.AsyncClient() as client, HttpNotifier(PUSH_URL, client=client, **kwargs) as n:
+        yield n
 
 
 @pytest.fixture
@@ -80,7 +89,7 @@ def gaps(n: Flaky) -> list[float]:
 async def test_flat_body_is_put_exactly(respx_mock: respx.MockRouter) -> None:
     route = respx_mock.put(PUSH_URL).respond(200)
 
-    async with HttpNotifier(PUSH_URL) as n:
+    async with on_httpx() as n:
         await n.deliver("p1", PayoutStatus.COMPLETED)
 
     request = route.calls.last.request
@@ -94,7 +103,7 @@ async def test_nested_body_is_what_the_historic_client_parses(
 ) -> None:
     route = respx_mock.put(PUSH_URL).respond(204)
 
-    async with HttpNotifier(PUSH_URL, body="nested") as n:
+    async with on_httpx(body="nested") as n:
         await n.deliver("p1", PayoutStatus.DECLINED)
 
     assert json.loads(route.calls.last.request.content) == {
@@ -105,7 +114,7 @@ async def test_nested_body_is_what_the_historic_client_parses(
 async def test_method_is_a_setting(respx_mock: respx.MockRouter) -> None:
     route = respx_mock.post(PUSH_URL).respond(200)
 
-    async with HttpNotifier(PUSH_URL, method="POST") as n:
+    async with on_httpx(method="POST") as n:
         await n.deliver("p1", PayoutStatus.FAILED)
 
     assert route.call_count == 1
@@ -115,7 +124,7 @@ async def test_method_is_a_setting(respx_mock: respx.MockRouter) -> None:
 async def test_any_2xx_acknowledges(respx_mock: respx.MockRouter, code: int) -> None:
     route = respx_mock.put(PUSH_URL).respond(code)
 
-    async with HttpNotifier(PUSH_URL) as n:
+    async with on_httpx() as n:
         await n.deliver("p1", PayoutStatus.COMPLETED)
 
     assert route.call_count == 1
@@ -125,7 +134,7 @@ async def test_any_2xx_acknowledges(respx_mock: respx.MockRouter, code: int) -> 
 async def test_non_2xx_is_not_acknowledged(respx_mock: respx.MockRouter, code: int) -> None:
     respx_mock.put(PUSH_URL).respond(code)
 
-    async with HttpNotifier(PUSH_URL) as n:
+    async with on_httpx() as n:
         with pytest.raises(NotificationFailed, match=f"HTTP {code}"):
             await n.deliver("p1", PayoutStatus.COMPLETED)
 
@@ -145,7 +154,7 @@ async def test_network_errors_and_timeouts_are_not_acknowledged(
 ) -> None:
     respx_mock.put(PUSH_URL).mock(side_effect=exc)
 
-    async with HttpNotifier(PUSH_URL) as n:
+    async with on_httpx() as n:
         with pytest.raises(NotificationFailed, match=type(exc).__name__) as info:
             await n.deliver("p1", PayoutStatus.COMPLETED)
 
@@ -170,8 +179,11 @@ async def test_timeout_is_passed_per_request(respx_mock: respx.MockRouter) -> No
 
 async def test_owned_client_is_closed_by_aclose_injected_one_is_not() -> None:
     owned = HttpNotifier(PUSH_URL)
+    assert owned._own is not None
     await owned.aclose()
-    assert owned._client.is_closed
+    assert owned._own.is_closed
+    with pytest.raises(NotificationFailed, match="closed"):
+        await owned.deliver("p1", PayoutStatus.COMPLETED)
 
     async with httpx.AsyncClient() as client:
         await HttpNotifier(PUSH_URL, client=client).aclose()
@@ -191,7 +203,7 @@ async def test_notifiers_satisfy_the_protocol() -> None:
     async def fn(payout_id: str, status: PayoutStatus) -> None:
         pass
 
-    async with HttpNotifier(PUSH_URL) as n:
+    async with on_httpx() as n:
         assert isinstance(n, Notifier)
     assert isinstance(CallbackNotifier(fn), Notifier)
 
@@ -323,7 +335,7 @@ async def test_http_notifier_retried_until_acknowledged(respx_mock: respx.MockRo
         side_effect=[httpx.Response(500), httpx.ConnectError("refused"), httpx.Response(204)]
     )
 
-    async with HttpNotifier(PUSH_URL, body="nested") as n:
+    async with on_httpx(body="nested") as n:
         ok = await deliver_with_retries(n, "p1", PayoutStatus.COMPLETED, POLICY)
 
     assert ok is True

@@ -41,8 +41,10 @@ def record(pid: str = "p1", status: str = "completed", **extra: Any) -> dict[str
 
 @pytest.fixture
 async def partner() -> Any:
-    async with HttpPartner(BASE) as p:
-        yield p
+    # On an injected httpx client, which respx intercepts; the default (aiohttp) client is tested
+    # against real sockets in test_default_transport.py.
+    async with httpx.AsyncClient() as client:
+        yield HttpPartner(BASE, client=client)
 
 
 # --- submit: 200 ---------------------------------------------------------------------------
@@ -66,7 +68,8 @@ async def test_partner_satisfies_protocol(partner: HttpPartner) -> None:
 
 async def test_trailing_slash_in_base_url_is_ignored(respx_mock: respx.MockRouter) -> None:
     route = respx_mock.post(SUBMIT_URL).respond(200, json=record())
-    async with HttpPartner(BASE + "/") as p:
+    async with httpx.AsyncClient() as client:
+        p = HttpPartner(BASE + "/", client=client)
         assert await p.submit("p1", HOOK) == Accepted(PartnerStatus.COMPLETED)
     assert route.calls.last.request.url.path == "/transaction"
 
@@ -273,8 +276,8 @@ async def test_submit_to_a_closed_port_is_not_sent() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    async with HttpPartner(f"http://127.0.0.1:{port}") as p:
-        outcome = await p.submit("p1", HOOK)
+    async with httpx.AsyncClient() as client:
+        outcome = await HttpPartner(f"http://127.0.0.1:{port}", client=client).submit("p1", HOOK)
     assert isinstance(outcome, NotSent)
     assert outcome.reason.startswith("ConnectError")
 
@@ -384,26 +387,28 @@ async def test_a_redirect_is_never_followed_even_by_an_injected_client(
     assert elsewhere.call_count == 0
 
 
-async def test_owned_client_is_configured_from_policy_and_closed_by_aclose() -> None:
+async def test_owned_pool_is_aiohttp_opened_lazily_and_closed_by_aclose() -> None:
     p = HttpPartner(BASE, policy=POLICY)
-    clients = p._clients
-    assert len(clients) > 1  # small pools: httpcore's bookkeeping is O(connections per pool)
-    for client in clients:
-        assert client.timeout == httpx.Timeout(connect=1.5, read=33.0, write=1.5, pool=1.5)
-        assert not client.is_closed
-    # A payout always goes through the same pool.
-    assert p._client_for("p-1") is p._client_for("p-1")
-    assert len({id(p._client_for(f"p-{i}")) for i in range(200)}) == len(clients)
+    own = p._own
+    assert own is not None
+    assert own._session is None  # made on first use, inside the running loop
+    assert own._max_connections >= 2000  # thousands of slow POSTs may be open at once
 
     await p.aclose()
 
-    assert all(client.is_closed for client in clients)
+    assert own.is_closed
+    # A closed partner fails before sending anything: safe to retry elsewhere, never a raise.
+    outcome = await p.submit("p1", HOOK)
+    assert isinstance(outcome, NotSent)
+    assert "closed" in outcome.reason
+    assert isinstance(await p.check("p1"), CheckFailed)
 
 
-async def test_async_with_closes_the_owned_client() -> None:
+async def test_async_with_closes_the_owned_pool() -> None:
     async with HttpPartner(BASE) as p:
-        clients = p._clients
-    assert all(client.is_closed for client in clients)
+        own = p._own
+    assert own is not None
+    assert own.is_closed
 
 
 async def test_injected_client_is_not_closed() -> None:

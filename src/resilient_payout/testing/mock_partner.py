@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, TypedDict
 
+import aiohttp
 import anyio
 import anyio.abc
 import httpx
@@ -392,7 +393,7 @@ class MockPartner:
         self._state = _State(started_at=None)
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | aiohttp.ClientSession | None = None
         self._jobs = 0
         self._idle: anyio.Event | None = None
         self._waiting: set[_Post] = set()
@@ -427,9 +428,16 @@ class MockPartner:
         stack = AsyncExitStack()
         try:
             if self._webhook_client is None:
-                client = httpx.AsyncClient(timeout=self._config.webhook_timeout)
-                stack.push_async_callback(client.aclose)
-                self._client = client
+                # Not httpx: its pool bookkeeping made webhooks most of this process's CPU at a
+                # few hundred payouts/s (docs/performance.md).
+                timeout = self._config.webhook_timeout
+                own = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=2.0),
+                    timeout=aiohttp.ClientTimeout(total=timeout),
+                    trust_env=False,
+                )
+                stack.push_async_callback(own.close)
+                self._client = own
             else:
                 self._client = self._webhook_client
             self._tg = await stack.enter_async_context(anyio.create_task_group())
@@ -606,21 +614,26 @@ class MockPartner:
             now = self._epoch_offset + anyio.current_time()
             headers |= _sign(secret, f"msg_{uuid.uuid4().hex}", int(now), body)
         try:
-            response = await client.post(url, content=body, headers=headers)
+            if isinstance(client, aiohttp.ClientSession):
+                async with client.post(url, data=body, headers=headers) as response:
+                    code = response.status
+                    await response.read()
+            else:
+                code = (await client.post(url, content=body, headers=headers)).status_code
         except Exception as exc:  # noqa: BLE001 - one attempt; an in-process receiver may raise anything
             state.webhooks_failed += 1
             logger.warning(
                 "webhook %s for %s to %s failed: %r", payload["status"], payload["id"], url, exc
             )
             return
-        if not response.is_success:
+        if not 200 <= code < 300:
             state.webhooks_failed += 1
             logger.warning(
                 "webhook %s for %s to %s answered %d",
                 payload["status"],
                 payload["id"],
                 url,
-                response.status_code,
+                code,
             )
 
     # -- ASGI ----------------------------------------------------------------------------------
