@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from resilient_payout._errors import StorageError, StorageUnavailable
-from resilient_payout._model import PayoutStatus
+from resilient_payout._model import Payout, PayoutStatus
 from resilient_payout.storage import Storage, storage_from_url
 from resilient_payout.storage.memory import MemoryStorage
 from resilient_payout.storage.sqlite import SQLiteStorage
@@ -315,6 +315,59 @@ async def test_sqlite_cancelled_write_leaves_no_open_transaction(db_path: Path) 
     finally:
         raw.close()
         await storage.close()
+
+
+async def test_sqlite_waits_for_a_lock_without_blocking_the_loop(db_path: Path) -> None:
+    # Statements run on the loop's thread with SQLite's own busy wait off: a write that finds
+    # another connection's lock must back off asynchronously, and then go through.
+    storage = await _opened(db_path, busy_timeout=10.0)
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    ticks = 0
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+        async with anyio.create_task_group() as tg:
+            result: list[tuple[Payout, bool]] = []
+
+            async def write() -> None:
+                result.append(await storage.create_if_absent(make_payout("p-1")))
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while not result:
+                    ticks += 1
+                    await anyio.sleep(0.005)
+
+            tg.start_soon(write)
+            tg.start_soon(ticker)
+            await anyio.sleep(0.1)
+            assert not result  # still waiting for the lock...
+            assert ticks >= 5  # ...while the loop went on
+            raw.execute("ROLLBACK")
+        assert result[0][1] is True
+        assert await storage.get("p-1") == result[0][0]
+    finally:
+        raw.close()
+        await storage.close()
+
+
+async def test_sqlite_checkpoints_the_wal_in_its_own_thread(db_path: Path) -> None:
+    storage = await _opened(db_path)
+    try:
+        for n in range(1200):
+            await storage.create_if_absent(make_payout(f"p-{n}"))
+        checkpointer = storage._checkpointer
+        assert checkpointer is not None
+        with anyio.fail_after(10):
+            # A thread's counter: there is no event to await. One checkpoint per 500 writes.
+            while checkpointer.runs < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+    finally:
+        await storage.close()
+    # After close, the database file alone holds everything.
+    wal = anyio.Path(f"{db_path}-wal")
+    assert not await wal.exists() or (await wal.stat()).st_size == 0
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM payouts").fetchone()[0] == 1200
 
 
 async def test_sqlite_refuses_a_newer_schema_and_use_before_open(db_path: Path) -> None:

@@ -4,7 +4,8 @@ Every decision is made by SQLite itself: creation is ``INSERT ... ON CONFLICT DO
 compare-and-set is ``UPDATE ... WHERE version = ?`` (with the outbox insert in the same
 ``BEGIN IMMEDIATE`` transaction), and a claim is one ``UPDATE ... RETURNING`` over the due rows.
 The database runs in WAL mode, so readers never wait for the writer; writers wait up to
-``busy_timeout`` for each other, then get :class:`~resilient_payout.StorageUnavailable`.
+``busy_timeout`` for each other (asynchronously), then get
+:class:`~resilient_payout.StorageUnavailable`. Only the standard library's ``sqlite3`` is used.
 
 The ``version`` column is authoritative; the JSON document beside it holds the rest of the
 record (without its version, which claims bump in SQL).
@@ -16,12 +17,13 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-import aiosqlite
 import anyio
+import anyio.to_thread
 
 from .._errors import StorageError, StorageUnavailable
 from .._model import OutboxEntry, Payout, PayoutStatus
@@ -179,35 +181,87 @@ def _outbox_from_row(row: Sequence[Any]) -> OutboxEntry:
     )
 
 
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.Error as exc:
-        code = getattr(exc, "sqlite_errorcode", None)
-        text = str(exc).lower()
-        if (code is not None and code & 0xFF in _UNAVAILABLE_CODES) or (
-            code is None and ("locked" in text or "busy" in text)
-        ):
-            raise StorageUnavailable(f"SQLite: {exc}") from exc
-        raise StorageError(f"SQLite: {exc}") from exc
+def _translated(exc: sqlite3.Error) -> StorageError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc).lower()
+    if (code is not None and code & 0xFF in _UNAVAILABLE_CODES) or (
+        code is None and ("locked" in text or "busy" in text)
+    ):
+        return StorageUnavailable(f"SQLite: {exc}")
+    return StorageError(f"SQLite: {exc}")
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc).lower()
+
+
+T = TypeVar("T")
+
+# Checkpoint the WAL into the database file every this many writes (a few MB of WAL at most).
+_CHECKPOINT_EVERY = 500
+_FIRST_BACKOFF = 0.001
+_MAX_BACKOFF = 0.05
+
+
+class _Checkpointer:
+    """A thread that copies the WAL into the database file when poked (the fsyncs of
+    ``synchronous=NORMAL`` happen here, never on the event loop). PASSIVE: it neither waits for
+    nor blocks readers and writers; what it cannot copy now is copied next time."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._wake = threading.Event()
+        self._stopping = False
+        self.runs = 0
+        """Checkpoints completed (read by tests)."""
+        self._thread = threading.Thread(target=self._main, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _main(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                with contextlib.closing(sqlite3.connect(self._path, timeout=0)) as db:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self.runs += 1
+            except sqlite3.Error:
+                pass  # the next poke tries again; the WAL only grows meanwhile
 
 
 class SQLiteStorage:
     """The :class:`~resilient_payout.storage.Storage` contract on one SQLite file.
 
-    ``busy_timeout`` is how long a write waits for another connection's write lock before
-    raising :class:`~resilient_payout.StorageUnavailable`. Any number of ``SQLiteStorage``
-    objects, in any number of processes, may share the file.
+    Statements run on the event loop's thread, each one or one short transaction at a time,
+    never across an ``await``: a statement takes tens of microseconds, less than handing it to
+    a worker thread and back, which cost more CPU than the SQL itself (docs/performance.md).
+    Nothing here waits on the loop's thread: the connection's own busy timeout is 0, a write
+    that finds another connection's lock backs off with ``anyio.sleep`` and tries again for up
+    to ``busy_timeout`` seconds, then raises :class:`~resilient_payout.StorageUnavailable`; WAL
+    checkpoints (the only fsyncs, with ``synchronous=NORMAL``) run in a worker thread. Any number
+    of ``SQLiteStorage`` objects, in any number of processes, may share the file.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         self._path = os.fspath(path)
         self._busy_timeout = busy_timeout
-        self._db: aiosqlite.Connection | None = None
-        # One connection cannot carry two transactions at once: operations of this object take
-        # turns on it. Atomicity between objects and processes comes from SQLite's own locks.
-        self._lock = anyio.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._open_lock = anyio.Lock()  # open() and close() only; never around a statement
+        self._writes = 0
+        self._checkpointer: _Checkpointer | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
@@ -234,78 +288,117 @@ class SQLiteStorage:
     # -- connection ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        async with self._lock:
+        async with self._open_lock:
             if self._db is not None:
                 return
-            with _translated():
-                db = await aiosqlite.connect(
-                    self._path, timeout=self._busy_timeout, isolation_level=None
-                )
-                try:
-                    await self._prepare(db)
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await db.close()
-                    raise
-            self._db = db
+            # Opening may wait for another process's lock (schema creation): a worker thread.
+            self._db = await anyio.to_thread.run_sync(self._connect)
+            self._checkpointer = _Checkpointer(self._path)
 
-    async def _prepare(self, db: aiosqlite.Connection) -> None:
-        await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-        await db.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL mode: a power loss may drop the last commits, never corrupt the file.
-        await db.execute("PRAGMA synchronous = NORMAL")
-        rows = await db.execute_fetchall("PRAGMA user_version")
-        found = next(iter(rows))[0]
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(
+                self._path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,  # opened here, used on the loop's thread
+            )
+        except sqlite3.Error as exc:
+            raise _translated(exc) from exc
+        try:
+            self._prepare(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a power loss may drop the last commits, never corrupt the file.
+            db.execute("PRAGMA synchronous = NORMAL")
+            found = db.execute("PRAGMA user_version").fetchone()[0]
+            db.executescript(_SCHEMA if found <= _SCHEMA_VERSION else "")
+            # From here on no statement may block the loop: lock waits are async retries, and
+            # checkpoints are ours, in a worker thread.
+            db.execute("PRAGMA busy_timeout = 0")
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+        except sqlite3.Error as exc:
+            raise _translated(exc) from exc
         if found > _SCHEMA_VERSION:
             raise StorageError(
                 f"{self._path}: schema version {found} is newer than this library's "
                 f"({_SCHEMA_VERSION}); upgrade resilient-payout"
             )
-        await db.executescript(_SCHEMA)
 
     async def close(self) -> None:
-        async with self._lock:
+        async with self._open_lock:
             db, self._db = self._db, None
+            checkpointer, self._checkpointer = self._checkpointer, None
+            if checkpointer is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(checkpointer.stop)
             if db is not None:
-                with anyio.CancelScope(shield=True), _translated():
-                    await db.close()
+                # Closing the last connection checkpoints the WAL (an fsync): not on the loop.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(db.close)
 
-    def _conn(self) -> aiosqlite.Connection:
+    def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             raise StorageError("SQLiteStorage is not open: call open() first")
         return self._db
 
-    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """One statement in autocommit mode (atomic by itself); its rows."""
-        async with self._lock:
-            with _translated():
-                return list(await self._conn().execute_fetchall(sql, params))
-
-    @staticmethod
-    async def _rollback(db: aiosqlite.Connection) -> None:
-        # Shielded: a cancelled operation must not leave its transaction open on the connection.
-        with anyio.CancelScope(shield=True):
-            # "no transaction is active" when BEGIN itself failed.
-            with contextlib.suppress(sqlite3.OperationalError):
-                await db.execute("ROLLBACK")
+    async def _run(self, op: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+        """``op(connection)`` on this thread, retried with backoff while another connection
+        holds the write lock. ``op`` must leave no transaction open, whatever happens."""
+        deadline: float | None = None
+        backoff = _FIRST_BACKOFF
+        while True:
+            db = self._conn()
+            try:
+                result = op(db)
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if not _is_busy(exc):
+                    raise _translated(exc) from exc
+                now = anyio.current_time()
+                if deadline is None:
+                    deadline = now + self._busy_timeout
+                if now >= deadline:
+                    raise _translated(exc) from exc
+                await anyio.sleep(min(backoff, deadline - now))
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                continue
+            if write:
+                self._writes += 1
+                if self._writes >= _CHECKPOINT_EVERY and self._checkpointer is not None:
+                    self._writes = 0
+                    self._checkpointer.poke()
+            return result
 
     # -- the contract -------------------------------------------------------------------------
 
     async def create_if_absent(self, payout: Payout) -> tuple[Payout, bool]:
         doc = _encode(payout)
         params = (payout.id, payout.status.value, payout.next_check_at, doc)
-        async with self._lock:
-            with _translated():
-                db = self._conn()
-                if await db.execute_fetchall(_CREATE, params):
-                    return _decode(1, doc), True
-                # Rows are never deleted, so the conflicting row is still there.
-                ((version, existing),) = await db.execute_fetchall(_GET, (payout.id,))
-                return _decode(version, existing), False
+
+        def op(db: sqlite3.Connection) -> tuple[Payout, bool]:
+            if db.execute(_CREATE, params).fetchall():
+                return _decode(1, doc), True
+            # Rows are never deleted, so the conflicting row is still there.
+            ((version, existing),) = db.execute(_GET, (payout.id,)).fetchall()
+            return _decode(version, existing), False
+
+        return await self._run(op)
 
     async def get(self, payout_id: str) -> Payout | None:
-        rows = await self._query(_GET, (payout_id,))
+        rows = await self._query(_GET, (payout_id,), write=False)
         return _decode(*rows[0]) if rows else None
+
+    async def _query(self, sql: str, params: Sequence[Any] = (), *, write: bool) -> list[Any]:
+        """One statement in autocommit mode (atomic by itself); its rows."""
+        return await self._run(lambda db: db.execute(sql, params).fetchall(), write=write)
 
     async def compare_and_set(
         self, payout: Payout, *, expected_version: int, outbox: OutboxEntry | None = None
@@ -314,48 +407,51 @@ class SQLiteStorage:
             raise ValueError(f"outbox entry for {outbox.payout_id!r} given with {payout.id!r}")
         doc = _encode(payout)
         cas = (payout.status.value, payout.next_check_at, doc, payout.id, expected_version)
-        async with self._lock:
-            with _translated():
-                db = self._conn()
-                if outbox is None:
-                    rows = list(await db.execute_fetchall(_CAS, cas))
-                    return _decode(rows[0][0], doc) if rows else None
-                try:
-                    await db.execute("BEGIN IMMEDIATE")
-                    rows = list(await db.execute_fetchall(_CAS, cas))
-                    if not rows:
-                        await db.execute("ROLLBACK")
-                        return None
-                    await db.execute(
-                        _INSERT_OUTBOX,
-                        (
-                            outbox.payout_id,
-                            outbox.status.value,
-                            outbox.created_at,
-                            outbox.next_attempt_at,
-                            outbox.attempts,
-                            outbox.delivered_at,
-                            outbox.last_error,
-                        ),
-                    )
-                    await db.execute("COMMIT")
-                except BaseException:
-                    await self._rollback(db)
-                    raise
-                return _decode(rows[0][0], doc)
+
+        def op(db: sqlite3.Connection) -> Payout | None:
+            if outbox is None:
+                rows = db.execute(_CAS, cas).fetchall()
+                return _decode(rows[0][0], doc) if rows else None
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute(_CAS, cas).fetchall()
+                if not rows:
+                    db.execute("ROLLBACK")
+                    return None
+                db.execute(
+                    _INSERT_OUTBOX,
+                    (
+                        outbox.payout_id,
+                        outbox.status.value,
+                        outbox.created_at,
+                        outbox.next_attempt_at,
+                        outbox.attempts,
+                        outbox.delivered_at,
+                        outbox.last_error,
+                    ),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return _decode(rows[0][0], doc)
+
+        return await self._run(op)
 
     async def claim_due(
         self, now: float, *, owner: str, lease_seconds: float, limit: int
     ) -> list[Payout]:
         if limit <= 0:
             return []
-        rows = await self._query(_CLAIM_DUE, (owner, now + lease_seconds, now, *_FINAL, now, limit))
+        params = (owner, now + lease_seconds, now, *_FINAL, now, limit)
+        rows = await self._query(_CLAIM_DUE, params, write=True)
         # RETURNING does not keep the subquery's order.
         rows.sort(key=lambda r: (r[2], r[3]))
         return [_decode(version, doc) for version, doc, _, _ in rows]
 
     async def next_due_at(self) -> float | None:
-        rows = await self._query(_NEXT_DUE, _FINAL)
+        rows = await self._query(_NEXT_DUE, _FINAL, write=False)
         return float(rows[0][0]) if rows else None
 
     async def claim_outbox(
@@ -364,23 +460,24 @@ class SQLiteStorage:
         if limit <= 0:
             return []
         until = now + lease_seconds
-        rows = await self._query(_CLAIM_OUTBOX, (owner, until, until, now, now, limit))
+        params = (owner, until, until, now, now, limit)
+        rows = await self._query(_CLAIM_OUTBOX, params, write=True)
         entries = [_outbox_from_row(r) for r in rows]
         entries.sort(key=lambda e: e.payout_id)  # all share next_attempt_at == until
         return entries
 
     async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
-        await self._query(_ACK_OUTBOX, (delivered_at, payout_id))
+        await self._query(_ACK_OUTBOX, (delivered_at, payout_id), write=True)
 
     async def retry_outbox(self, payout_id: str, *, next_attempt_at: float, error: str) -> None:
-        await self._query(_RETRY_OUTBOX, (next_attempt_at, error, payout_id))
+        await self._query(_RETRY_OUTBOX, (next_attempt_at, error, payout_id), write=True)
 
     async def get_outbox(self, payout_id: str) -> OutboxEntry | None:
-        rows = await self._query(_GET_OUTBOX, (payout_id,))
+        rows = await self._query(_GET_OUTBOX, (payout_id,), write=False)
         return _outbox_from_row(rows[0]) if rows else None
 
     async def count_by_status(self) -> dict[PayoutStatus, int]:
         counts = dict.fromkeys(PayoutStatus, 0)
-        for status, n in await self._query(_COUNT):
+        for status, n in await self._query(_COUNT, write=False):
             counts[PayoutStatus(status)] = n
         return counts
