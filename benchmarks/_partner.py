@@ -11,12 +11,14 @@ import sys
 
 import anyio
 
+from resilient_payout.cli import _tune_gc
 from resilient_payout.testing.mock_partner import MockPartnerConfig, serve_mock_partner
 
 
 def main() -> None:
     """Serve on 127.0.0.1 until SIGTERM."""
     port, config = int(sys.argv[1]), MockPartnerConfig(**json.loads(sys.argv[2]))
+    _tune_gc()  # as `resilient-payout mock-partner` does
     anyio.run(lambda: serve_mock_partner(config, "127.0.0.1", port, log_level="warning"))
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import uvicorn
 from fastapi import Body, FastAPI
 
+from resilient_payout.cli import _tune_gc
+
 app = FastAPI()
 _pushes: dict[str, float] = {}
 
@@ -54,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ns = ap.parse_args()
+    _tune_gc()  # the same process settings as `resilient-payout serve`
     uvicorn.run(app, host="127.0.0.1", port=ns.port, log_level="warning", access_log=False)
 
 

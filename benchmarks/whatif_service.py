@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.whatif_service --port P --partner URL --client URL --storage URL
 [--httpx]``: ``create_app`` with a ``client_factory`` that sends the partner calls and the pushes
-through httpx clients (the library's default before 0.6: 16 pools of 128 connections for the
+through httpx clients (the library's earlier default: 16 pools of 128 connections for the
 partner) instead of the default aiohttp pool. Library code is unchanged; see
 docs/performance.md.
 """
@@ -10,10 +10,48 @@ docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import sys
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
+
+
+def _log_gc() -> None:
+    import atexit
+    import gc
+    import sys
+    import time
+
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            took = time.perf_counter() - started[0]
+            pauses[info["generation"]].append(took)
+            if took > 0.01:  # the process is often SIGKILLed: report long pauses as they happen
+                print(
+                    f"gc gen{info['generation']} pause {took * 1000:.1f} ms at {time.time():.3f}",
+                    file=sys.stderr,
+                )
+
+    gc.callbacks.append(callback)
+
+    def report() -> None:
+        for gen, xs in pauses.items():
+            if xs:
+                xs.sort()
+                print(
+                    f"gc gen{gen}: {len(xs)} collections, total {sum(xs) * 1000:.0f} ms, "
+                    f"p50 {xs[len(xs) // 2] * 1000:.2f} ms, max {xs[-1] * 1000:.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    atexit.register(report)
 
 
 def main() -> None:
@@ -24,7 +62,12 @@ def main() -> None:
     ap.add_argument("--client", required=True)
     ap.add_argument("--storage", default="memory://")
     ap.add_argument("--httpx", action="store_true", help="partner calls and pushes over httpx")
+    ap.add_argument("--gc-log", action="store_true", help="print GC pauses (> 10 ms at once)")
+    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once the app is loaded")
+    ap.add_argument("--gc-threshold", default="", help="gc.set_threshold(a, b, c) as 'a,b,c'")
     ns = ap.parse_args()
+    if ns.gc_log:
+        _log_gc()
 
     import httpx
     import uvicorn
@@ -85,9 +128,51 @@ def main() -> None:
                 notifier=notifier,
                 policy=policy,
             )
-            yield await stack.enter_async_context(client)
+            entered = await stack.enter_async_context(client)
+            if ns.gc_log:
+                import anyio
+
+                async def probe() -> None:
+                    import time
+
+                    while True:
+                        t = time.perf_counter()
+                        await anyio.sleep(0.005)
+                        late = time.perf_counter() - t - 0.005
+                        if late > 0.02:
+                            print(f"lag {late * 1000:.0f} ms at {time.time():.3f}", file=sys.stderr)
+
+                tg = await stack.enter_async_context(anyio.create_task_group())
+                tg.start_soon(probe)
+                stack.callback(tg.cancel_scope.cancel)
+            yield entered
 
     app = create_app(settings, client_factory=factory)
+    if ns.gc_log:
+        import collections
+        import gc
+        import threading
+        import time
+
+        def heap() -> None:
+            prev: collections.Counter[str] = collections.Counter()
+            while True:
+                time.sleep(4)
+                now = collections.Counter(type(o).__name__ for o in gc.get_objects())
+                grown = (now - prev).most_common(12)
+                print(f"heap {sum(now.values())} objects; grown: {grown}", file=sys.stderr)
+                prev = now
+
+        threading.Thread(target=heap, daemon=True).start()
+    if ns.gc_threshold:
+        import gc
+
+        gc.set_threshold(*(int(x) for x in ns.gc_threshold.split(",")))
+    if ns.gc_freeze:
+        import gc
+
+        gc.collect()
+        gc.freeze()
     uvicorn.run(app, host="127.0.0.1", port=ns.port, log_level="warning", access_log=False)
 
 

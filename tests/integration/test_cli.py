@@ -419,3 +419,21 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     for log in ("partner.log", "service.log"):
         assert "Application shutdown complete" in (workdir / log).read_text()
     assert "did not stop" not in out
+
+
+def test_servers_tune_the_garbage_collector_before_serving() -> None:
+    # Full collections of a heap with ~1,300 payouts in flight stopped the loop for 100-190 ms
+    # (docs/performance.md): `serve` and `mock-partner` freeze the start-up heap and make them
+    # rarer, leaving young collections as they are.
+    import gc
+
+    from resilient_payout.cli import _tune_gc
+
+    before = gc.get_threshold()
+    try:
+        _tune_gc()
+        assert gc.get_freeze_count() > 1000
+        assert gc.get_threshold() == (before[0], before[1], 1000)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
