@@ -182,7 +182,7 @@ class PayoutClient:
         self._check_queue: dict[str, Payout] = {}
         self._check_wake = anyio.Event()
         self._recent_checks: deque[float] = deque()
-        self._waiters: dict[str, set[anyio.Event]] = {}
+        self._waiters: dict[str, set[_Waiter]] = {}
         self._due_wake = anyio.Event()
         self._outbox_wake = anyio.Event()
 
@@ -204,9 +204,9 @@ class PayoutClient:
         if tg is not None:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
-        for events in self._waiters.values():
-            for ev in events:
-                ev.set()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.event.set()
         if self.close_storage:
             await self.storage.close()
 
@@ -256,20 +256,23 @@ class PayoutClient:
         p = await self.get(payout_id)
         if p.is_final or timeout <= 0:
             return p
-        event = anyio.Event()
+        waiter = _Waiter()
         waiters = self._waiters.setdefault(payout_id, set())
-        waiters.add(event)
+        waiters.add(waiter)
         try:
             with anyio.move_on_after(timeout):
                 while True:
                     with anyio.move_on_after(self.policy.poll_interval):
-                        await event.wait()
+                        await waiter.event.wait()
+                    if waiter.final is not None:
+                        # Finalized by this process: the record it wrote, without a read.
+                        return waiter.final
                     p = await self.get(payout_id)
                     if p.is_final or self._tg is None:
                         return p
             return await self.get(payout_id)
         finally:
-            waiters.discard(event)
+            waiters.discard(waiter)
             if not waiters:
                 self._waiters.pop(payout_id, None)
 
@@ -348,8 +351,9 @@ class PayoutClient:
             _bump(self.stats.resolved, stored.resolved_by.value)
         if stored.is_final:
             self._check_queue.pop(stored.id, None)
-            for ev in self._waiters.get(stored.id, ()):
-                ev.set()
+            for waiter in self._waiters.get(stored.id, ()):
+                waiter.final = stored
+                waiter.event.set()
         if notified:
             self._outbox_wake.set()
         if stored.next_check_at is not None and stored.next_check_at <= self.clock.now():
@@ -539,6 +543,16 @@ class PayoutClient:
                     )
             except StorageError as exc:
                 log.warning("outbox %s: storage error, will retry: %s", entry.payout_id, exc)
+
+
+class _Waiter:
+    """One ``wait_final`` call: woken with the final record when this process writes it."""
+
+    __slots__ = ("event", "final")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.final: Payout | None = None
 
 
 def _outcome_name(outcome: object) -> str:

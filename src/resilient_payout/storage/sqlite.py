@@ -19,6 +19,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -385,7 +386,8 @@ class SQLiteStorage:
 
         def op(db: sqlite3.Connection) -> tuple[Payout, bool]:
             if db.execute(_CREATE, params).fetchall():
-                return _decode(1, doc), True
+                # What was written, without decoding the document just encoded.
+                return replace(payout, version=1), True
             # Rows are never deleted, so the conflicting row is still there.
             ((version, existing),) = db.execute(_GET, (payout.id,)).fetchall()
             return _decode(version, existing), False
@@ -411,7 +413,7 @@ class SQLiteStorage:
         def op(db: sqlite3.Connection) -> Payout | None:
             if outbox is None:
                 rows = db.execute(_CAS, cas).fetchall()
-                return _decode(rows[0][0], doc) if rows else None
+                return replace(payout, version=rows[0][0]) if rows else None
             db.execute("BEGIN IMMEDIATE")
             try:
                 rows = db.execute(_CAS, cas).fetchall()
@@ -435,7 +437,7 @@ class SQLiteStorage:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-            return _decode(rows[0][0], doc)
+            return replace(payout, version=rows[0][0])
 
         return await self._run(op)
 
