@@ -148,22 +148,6 @@ def main() -> None:
             yield entered
 
     app = create_app(settings, client_factory=factory)
-    if ns.gc_log:
-        import collections
-        import gc
-        import threading
-        import time
-
-        def heap() -> None:
-            prev: collections.Counter[str] = collections.Counter()
-            while True:
-                time.sleep(4)
-                now = collections.Counter(type(o).__name__ for o in gc.get_objects())
-                grown = (now - prev).most_common(12)
-                print(f"heap {sum(now.values())} objects; grown: {grown}", file=sys.stderr)
-                prev = now
-
-        threading.Thread(target=heap, daemon=True).start()
     if ns.gc_threshold:
         import gc
 

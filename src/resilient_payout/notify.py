@@ -64,7 +64,9 @@ class HttpNotifier:
 
     Without ``client`` it owns an aiohttp connection pool (the same lean client as
     :class:`~resilient_payout.HttpPartner`), opened on first use and closed by :meth:`aclose` (or
-    ``async with``). An injected :class:`httpx.AsyncClient` is used instead and never closed here.
+    ``async with``). An injected :class:`httpx.AsyncClient` is used instead and never closed here;
+    note that pushes are cut off by ``notify_timeout``, and httpcore 1.0.9 can leak pool slots
+    on such cancellations under contention (encode/httpcore#1093).
     """
 
     def __init__(
