@@ -23,6 +23,8 @@ from typing import Any, Final
 
 import aiohttp
 
+from ._urls import redact_urls_in
+
 MAX_BODY: Final = 64 * 1024
 """Answers we read are tiny; a bigger body is garbage and is not read further."""
 
@@ -151,6 +153,7 @@ async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    # Some aiohttp errors quote the request URL, which may carry credentials.
+    text = redact_urls_in(" ".join(str(exc).split()))
     name = type(exc).__name__
     return f"{name}: {text}" if text else name

@@ -156,11 +156,10 @@ class HttpPartner:
         try:
             answer = await self._exchange("POST", url, payload, self._submit_timeout)
         except TransportError as exc:
-            outcome: SubmitOutcome = (
-                Uncertain(exc.reason[:_MAX_REASON])
-                if exc.sent
-                else NotSent(exc.reason[:_MAX_REASON])
-            )
+            # The reason may quote the partner's bytes (a malformed status line): cleaned, as
+            # it goes to logs and the audit trail.
+            reason = _clean(exc.reason)[:_MAX_REASON]
+            outcome: SubmitOutcome = Uncertain(reason) if exc.sent else NotSent(reason)
         except _NOT_SENT_ERRORS as exc:
             outcome = NotSent(_describe(exc))
         except _SENT_ERRORS as exc:
@@ -181,7 +180,7 @@ class HttpPartner:
         try:
             answer = await self._exchange("GET", url, None, self._check_timeout)
         except TransportError as exc:
-            outcome: CheckOutcome = CheckFailed(exc.reason[:_MAX_REASON])
+            outcome: CheckOutcome = CheckFailed(_clean(exc.reason)[:_MAX_REASON])
         except _NOT_SENT_ERRORS + _SENT_ERRORS as exc:
             outcome = CheckFailed(_describe(exc))
         except Exception as exc:

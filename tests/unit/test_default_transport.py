@@ -20,8 +20,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
 
+from resilient_payout import _http
 from resilient_payout._errors import NotificationFailed
 from resilient_payout._http import MAX_BODY, AiohttpClient
 from resilient_payout._model import (
@@ -476,6 +478,38 @@ async def test_malformed_answer_is_uncertain(
     assert isinstance(outcome, Uncertain)
     assert not outcome.reason.startswith("HTTP ")  # a transport error, not a classified status
     assert len(server.requests) == 1
+
+
+def test_a_reason_never_quotes_url_credentials() -> None:
+    # aiohttp 3.14 already drops them from the URLs it quotes; this must hold whatever it does,
+    # since reasons go to logs and the audit trail.
+    exc = aiohttp.ClientConnectionError(
+        "Connection timeout to host http://payouts:s3cret@partner.test/transaction"
+    )
+    assert _http._describe(exc) == (
+        "ClientConnectionError: Connection timeout to host http://***@partner.test/transaction"
+    )
+
+
+async def test_partner_bytes_in_a_transport_reason_are_cleaned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise _http.TransportError(
+            "ClientResponseError: bad \x1b[31mline\x07" + "x" * 300, sent=True
+        )
+
+    async with HttpPartner("http://partner.test") as p:
+        monkeypatch.setattr(p._own, "request", failing)
+        outcome = await p.submit("p1", HOOK)
+        check = await p.check("p1")
+
+    assert isinstance(outcome, Uncertain)
+    assert outcome.reason.isprintable()
+    assert outcome.reason.startswith("ClientResponseError: bad [31mline")
+    assert len(outcome.reason) == 200
+    assert isinstance(check, CheckFailed)
+    assert check.reason == outcome.reason
 
 
 async def test_truncated_body_is_uncertain(server: RawServer, partner: HttpPartner) -> None:
