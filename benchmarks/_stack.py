@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,3 +100,21 @@ def post(url: str) -> None:
     """POST with an empty body."""
     with httpx.Client(timeout=10.0, trust_env=False) as http:
         http.post(url)
+
+
+def scenario_main(doc: str | None, run: Callable[[Path, bool], Any], argv: list[str] | None) -> int:
+    """The command line of a scenario that starts the service: ``[--quick] [--out DIR]
+    [--whatif OPTIONS]``, then ``run(out, quick)``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument(
+        "--whatif",
+        default="",
+        help="run benchmarks.whatif_service with these options instead of the stock service, "
+        "e.g. '--httpx' (docs/performance.md)",
+    )
+    ns = ap.parse_args(argv)
+    WHATIF[:] = ns.whatif.split()
+    run(ns.out, ns.quick)
+    return 0

@@ -8,7 +8,6 @@ partner is full, then the measured window); then the bare FastAPI app at the sam
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import threading
 import time
@@ -154,20 +153,8 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.latency [--quick] [--out DIR]``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path("bench-results"))
-    ap.add_argument(
-        "--whatif",
-        default="",
-        help="run benchmarks.whatif_service with these options instead of the stock service, "
-        "e.g. '--httpx' (docs/performance.md)",
-    )
-    ns = ap.parse_args(argv)
-    _stack.WHATIF[:] = ns.whatif.split()
-    run(ns.out, ns.quick)
-    return 0
+    """``python -m benchmarks.latency [--quick] [--out DIR] [--whatif OPTIONS]``."""
+    return _stack.scenario_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

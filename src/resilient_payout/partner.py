@@ -57,7 +57,6 @@ _MAX_CONNECTIONS = 2048
 
 logger = logging.getLogger("resilient_payout.partner")
 
-_MAX_BODY: Final = MAX_BODY
 _MAX_REASON: Final = 200
 _REFUSED: Final = frozenset({400, 401, 403, 422})
 _DELAY_SECONDS: Final = re.compile(r"\d+(\.\d+)?")
@@ -224,7 +223,7 @@ async def _read_capped(response: httpx.Response) -> bytes | None:
     buf = bytearray()
     async for chunk in response.aiter_bytes():
         buf += chunk
-        if len(buf) > _MAX_BODY:
+        if len(buf) > MAX_BODY:
             return None
     return bytes(buf)
 
