@@ -11,6 +11,7 @@ from ._clock import Clock, LoopClock
 from ._errors import (
     ClientNotRunning,
     ConcurrencyError,
+    ConfigurationError,
     IdempotencyConflict,
     InvalidRequest,
     InvalidWebhook,
@@ -30,6 +31,7 @@ from ._lifecycle import (
     Notify,
     OperatorResolved,
     PartnerAnswered,
+    SendExpired,
     StatusChecked,
     SubmitNow,
     SubmitToPartner,
@@ -37,6 +39,7 @@ from ._lifecycle import (
     WorkDue,
     decide,
     plan_next_check,
+    send_expired,
 )
 from ._model import (
     Accepted,
@@ -89,6 +92,7 @@ __all__ = [
     "ClientStats",
     "Clock",
     "ConcurrencyError",
+    "ConfigurationError",
     "ConflictDetected",
     "Decision",
     "Effect",
@@ -122,6 +126,7 @@ __all__ = [
     "Refused",
     "RejectReason",
     "ReplayStore",
+    "SendExpired",
     "StandardWebhookVerifier",
     "StatusChecked",
     "Storage",
@@ -145,6 +150,7 @@ __all__ = [
     "decide",
     "parse_webhook",
     "plan_next_check",
+    "send_expired",
     "sign_webhook",
     "storage_from_url",
 ]

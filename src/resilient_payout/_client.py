@@ -37,16 +37,19 @@ from ._lifecycle import (
     Notify,
     OperatorResolved,
     PartnerAnswered,
+    SendExpired,
     StatusChecked,
     SubmitNow,
     SubmitToPartner,
     WebhookReceived,
     WorkDue,
     decide,
+    send_expired,
 )
 from ._model import (
     Accepted,
     Cause,
+    CheckFailed,
     Found,
     NotFound,
     NotSent,
@@ -106,8 +109,12 @@ class ClientStats:
     resubmissions: int = 0
     recovered_orphans: int = 0
     conflicts: int = 0
+    hook_errors: int = 0
+    sends_expired: int = 0
+    retry_after_capped: int = 0
     notifications_delivered: int = 0
     notification_rounds_failed: int = 0
+    notifications_dead: int = 0
     races_lost: int = 0
     work_errors: int = 0
 
@@ -190,6 +197,7 @@ class PayoutClient:
 
     async def __aenter__(self) -> Self:
         await self.storage.open()
+        self._warn_local_budget()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         if self.background:
@@ -209,6 +217,19 @@ class PayoutClient:
                 waiter.event.set()
         if self.close_storage:
             await self.storage.close()
+
+    def _warn_local_budget(self) -> None:
+        shared = type(self.storage).__module__.rsplit(".", 1)[-1] in ("postgres", "redis")
+        if self.background and shared and isinstance(self.budget, LocalCheckBudget):
+            # Each instance would spend the whole budget: N instances check N times too often,
+            # and the partner blocks all of them.
+            log.warning(
+                "status-check budget is local to this process (%.3g/s) but the storage is "
+                "shared: with several instances the partner sees that rate times the number of "
+                "instances and may block us; give every instance one shared budget "
+                "(RedisCheckBudget, RP_BUDGET_URL)",
+                self.policy.check_rate,
+            )
 
     def _group(self) -> TaskGroup:
         if self._tg is None:
@@ -231,7 +252,7 @@ class PayoutClient:
         candidate = Payout.new(req, now, next_check_at=now + self.policy.claim_grace)
         stored, created = await self.storage.create_if_absent(candidate)
         if not created:
-            if stored.fingerprint != candidate.fingerprint:
+            if not req.matches(stored.fingerprint):
                 self.stats.idempotency_conflicts += 1
                 raise IdempotencyConflict(req.id)
             self.stats.replays += 1
@@ -380,10 +401,34 @@ class PayoutClient:
                     pass  # written to the outbox with the transition; the outbox loop pushes it
 
     async def _submit(self, payout: Payout, attempt: int) -> None:
+        # Anything may have stalled this task since the decision (loop lag, GC, a frozen VM,
+        # SIGSTOP): the late-arrival window only leaves room for max_send_delay.
+        if send_expired(payout, self.clock.now(), self.policy):
+            self.stats.sends_expired += 1
+            log.warning("payout %s: attempt %d went stale before it was sent", payout.id, attempt)
+            await self._apply(payout, SendExpired(attempt))
+            return
         self.stats.posts += 1
-        outcome = await self.partner.submit(payout.id, self.webhook_url)
+        try:
+            outcome = await self.partner.submit(payout.id, self.webhook_url)
+        except Exception as exc:
+            # A Partner must not raise, but one that does may have sent the request already.
+            log.exception("payout %s: the partner's submit raised; outcome uncertain", payout.id)
+            outcome = Uncertain(f"partner adapter raised {type(exc).__name__}")
         _bump(self.stats.answers, _outcome_name(outcome))
+        if isinstance(outcome, RateLimited):
+            self._note_retry_after(payout.id, outcome.retry_after)
         await self._apply(payout, PartnerAnswered(attempt, outcome))
+
+    def _note_retry_after(self, payout_id: str, retry_after: float | None) -> None:
+        if retry_after is not None and not retry_after <= self.policy.max_retry_after:
+            self.stats.retry_after_capped += 1
+            log.warning(
+                "payout %s: partner asked to wait %ss; capped at max_retry_after %.0fs",
+                payout_id,
+                retry_after,
+                self.policy.max_retry_after,
+            )
 
     def _check_priority(self, p: Payout) -> tuple[int, float]:
         """Which eligible payout gets the next token: an app waiting on a long-poll first, then
@@ -424,17 +469,27 @@ class PayoutClient:
                 self.stats.checks_skipped += 1
                 return
             self._count_check()
-            outcome = await self.partner.check(fresh.id)
+            sent_at = self.clock.now()
+            try:
+                outcome = await self.partner.check(fresh.id)
+            except Exception as exc:
+                log.exception("payout %s: the partner's check raised", payout.id)
+                outcome = CheckFailed(f"partner adapter raised {type(exc).__name__}")
             if isinstance(outcome, RateLimited):
                 self.stats.checks_rate_limited += 1
                 self.stats.check_pauses += 1
-                pause = outcome.retry_after or self.policy.block_pause
+                self._note_retry_after(payout.id, outcome.retry_after)
+                pause = self.policy.retry_delay(outcome.retry_after, self.policy.block_pause)
                 log.warning("partner rate-limited a status check; pausing checks for %.1fs", pause)
                 await self.budget.pause(pause)
-            await self._apply(fresh, StatusChecked(fresh.attempt, outcome))
+            await self._apply(fresh, StatusChecked(fresh.attempt, outcome, sent_at=sent_at))
         except StorageError as exc:
             self.stats.work_errors += 1
             log.warning("payout %s: storage error during a check, will retry: %s", payout.id, exc)
+        except Exception:
+            # Background work never kills the client (and with it every other payout).
+            self.stats.work_errors += 1
+            log.exception("payout %s: unexpected error during a check", payout.id)
         finally:
             self._inflight.discard(payout.id)
 
@@ -450,10 +505,17 @@ class PayoutClient:
     async def _conflict(self, payout: Payout, conflict: ConflictDetected) -> None:
         self.stats.conflicts += 1
         log.error("payout %s: %s (kept %s)", payout.id, conflict.detail, payout.status.value)
-        if self.on_conflict is not None:
+        if self.on_conflict is None:
+            return
+        try:
             result = self.on_conflict(payout, conflict)
             if result is not None:
                 await result
+        except Exception:
+            # The conflict is already recorded in the audit trail; a failing alert hook must
+            # not stop the client, nor undo the write that found the conflict.
+            self.stats.hook_errors += 1
+            log.exception("payout %s: the on_conflict hook raised", payout.id)
 
     async def _run_guarded(self, payout: Payout, event: Event) -> None:
         """Background work never kills the client: a failure is logged and retried later."""
@@ -535,6 +597,17 @@ class PayoutClient:
                 if ok:
                     self.stats.notifications_delivered += 1
                     await self.storage.ack_outbox(entry.payout_id, delivered_at=now)
+                elif entry.attempts + 1 >= self.policy.notify_max_rounds:
+                    self.stats.notification_rounds_failed += 1
+                    self.stats.notifications_dead += 1
+                    log.error(
+                        "outbox %s: push refused for %d rounds; dead-lettered for an operator",
+                        entry.payout_id,
+                        entry.attempts + 1,
+                    )
+                    await self.storage.dead_letter_outbox(
+                        entry.payout_id, at=now, error="push not acknowledged"
+                    )
                 else:
                     self.stats.notification_rounds_failed += 1
                     delay = next_round_delay(entry.attempts + 1, self.policy)

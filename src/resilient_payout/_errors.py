@@ -9,7 +9,8 @@ Everything the library raises on purpose derives from :class:`PayoutError`::
     ├── WebhookError
     │   ├── InvalidWebhook        malformed body, or a status outside the partner's vocabulary
     │   └── WebhookRejected       failed authenticity checks: forged, stale or replayed
-    │       └── WebhookAuthError  the same, with ``reason`` (a RejectReason; webhooks.py)
+    │       └── WebhookAuthError  the same, with ``reason`` (a webhooks.RejectReason)
+    ├── ConfigurationError        a setting or URL the library cannot use (also a ValueError)
     ├── NotificationFailed        the app did not acknowledge a push (retried later)
     ├── StorageError
     │   ├── StorageUnavailable    the backend cannot be reached right now; retry later
@@ -23,9 +24,15 @@ the payout lifecycle.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .webhooks import RejectReason
+
 __all__ = [
     "ClientNotRunning",
     "ConcurrencyError",
+    "ConfigurationError",
     "IdempotencyConflict",
     "InvalidRequest",
     "InvalidWebhook",
@@ -34,6 +41,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "UnknownPayout",
+    "WebhookAuthError",
     "WebhookError",
     "WebhookRejected",
 ]
@@ -73,6 +81,18 @@ class InvalidWebhook(WebhookError, ValueError):
 
 class WebhookRejected(WebhookError):
     """The webhook failed authenticity checks (bad signature, stale timestamp, replay)."""
+
+
+class WebhookAuthError(WebhookRejected):
+    """A :class:`~resilient_payout.WebhookRejected` that says why (``reason``)."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class ConfigurationError(PayoutError, ValueError):
+    """A setting or URL the library cannot use (never echoing a URL's password)."""
 
 
 class NotificationFailed(PayoutError):

@@ -21,6 +21,9 @@ Rules (docs/concepts.md explains each):
 3. 504, timeouts, resets, 5xx, garbage and crashes while submitting lead to ``unknown``;
    400/401/403/422 to ``failed``; 429 on submit means "not accepted, retry later".
 4. A final status may come from the answer, a webhook or a check, in any order: the first wins.
+5. Time is hostile: an attempt older than ``max_send_delay - connect_timeout`` is not sent but
+   decided again (``SendExpired``); a 404 proves absence only if its GET was *sent* after the
+   window closed; a 404 for a transfer the partner acknowledged (``pending``) proves nothing.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ __all__ = [
     "Notify",
     "OperatorResolved",
     "PartnerAnswered",
+    "SendExpired",
     "StatusChecked",
     "SubmitNow",
     "SubmitToPartner",
@@ -63,6 +67,7 @@ __all__ = [
     "WorkDue",
     "decide",
     "plan_next_check",
+    "send_expired",
     "window_end",
 ]
 
@@ -93,16 +98,28 @@ class PartnerAnswered:
 
 
 @dataclass(frozen=True, slots=True)
+class SendExpired:
+    """The POST of ``attempt`` was about to leave too long after it was decided: not sent."""
+
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class WebhookReceived:
     status: PartnerStatus
 
 
 @dataclass(frozen=True, slots=True)
 class StatusChecked:
-    """A status check made for ``attempt`` ended with ``outcome``."""
+    """A status check made for ``attempt`` ended with ``outcome``.
+
+    ``sent_at`` is when the GET left (before any wait for its answer); a 404 is judged by it,
+    because a record that landed after the GET was answered cannot be in the answer.
+    """
 
     attempt: int
     outcome: CheckOutcome
+    sent_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +130,15 @@ class OperatorResolved:
     note: str
 
 
-Event = SubmitNow | WorkDue | PartnerAnswered | WebhookReceived | StatusChecked | OperatorResolved
+Event = (
+    SubmitNow
+    | WorkDue
+    | PartnerAnswered
+    | SendExpired
+    | WebhookReceived
+    | StatusChecked
+    | OperatorResolved
+)
 
 
 # --- effects ------------------------------------------------------------------------------
@@ -172,12 +197,25 @@ def decide(p: Payout, event: Event, now: float, policy: Policy) -> Decision:
             if attempt != p.attempt:
                 return Decision(p)
             return _on_answer(p, outcome, now, policy)
+        case SendExpired(attempt=attempt):
+            if (
+                attempt != p.attempt
+                or p.status is not S.SUBMITTING
+                or not send_expired(p, now, policy)
+            ):
+                return Decision(p)
+            assert p.attempt_started_at is not None  # send_expired() is False without it
+            age = now - p.attempt_started_at
+            reason = f"attempt {attempt} not sent: {age:.1f}s after it was decided"
+            return _not_sent(
+                p, now, policy, reason, None, cause=Cause.RECOVERY, event="send_expired"
+            )
         case WebhookReceived(status=status):
             return _on_partner_status(p, status, now, policy, Cause.WEBHOOK, "webhook")
-        case StatusChecked(attempt=attempt, outcome=outcome):
+        case StatusChecked(attempt=attempt, outcome=outcome, sent_at=sent_at):
             if attempt != p.attempt:
                 return Decision(p)
-            return _on_check(p, outcome, now, policy)
+            return _on_check(p, outcome, now, policy, now if sent_at is None else sent_at)
         case OperatorResolved(status=status, note=note):
             if not status.is_final:
                 return Decision(p)
@@ -190,6 +228,18 @@ def window_end(p: Payout, policy: Policy) -> float | None:
     if p.attempt_started_at is None:
         return None
     return p.attempt_started_at + policy.late_arrival_window
+
+
+def send_expired(p: Payout, now: float, policy: Policy) -> bool:
+    """Whether the current attempt is too old to be sent now.
+
+    The late-arrival window counts from the decision (``attempt_started_at``) and leaves room for
+    ``max_send_delay`` until the request reaches the partner; the client checks this right
+    before the POST, so only the connection setup (at most ``connect_timeout``) remains.
+    """
+    if p.attempt_started_at is None:
+        return False
+    return now - p.attempt_started_at > policy.max_send_delay - policy.connect_timeout
 
 
 def plan_next_check(p: Payout, now: float, policy: Policy) -> float:
@@ -380,7 +430,14 @@ def _refusal(outcome: Refused) -> str:
 
 
 def _not_sent(
-    p: Payout, now: float, policy: Policy, reason: str, retry_after: float | None
+    p: Payout,
+    now: float,
+    policy: Policy,
+    reason: str,
+    retry_after: float | None,
+    *,
+    cause: Cause = Cause.PARTNER_ANSWER,
+    event: str = "not_sent",
 ) -> Decision:
     failures = p.send_failures + 1
     if failures > policy.max_send_retries:
@@ -388,18 +445,18 @@ def _not_sent(
             p,
             S.FAILED,
             now,
-            Cause.PARTNER_ANSWER,
+            cause,
             "unreachable",
             reason=f"partner not reached after {failures} tries: {reason}",
         )
     backoff = min(policy.send_backoff_initial * 2 ** (failures - 1), policy.send_backoff_max)
-    delay = max(backoff, retry_after or 0.0)
+    delay = max(backoff, policy.retry_delay(retry_after, 0.0))
     moved = _move(
         p,
         S.RECEIVED,
         now,
-        Cause.PARTNER_ANSWER,
-        "not_sent",
+        cause,
+        event,
         reason,
         send_failures=failures,
         next_check_at=now + delay,
@@ -407,7 +464,9 @@ def _not_sent(
     return Decision(moved)
 
 
-def _on_check(p: Payout, outcome: CheckOutcome, now: float, policy: Policy) -> Decision:
+def _on_check(
+    p: Payout, outcome: CheckOutcome, now: float, policy: Policy, sent_at: float
+) -> Decision:
     cause = Cause.STATUS_CHECK
     if p.status not in (S.UNKNOWN, S.AWAITING):
         # Checks are never scheduled for received/submitting payouts; only a final status
@@ -424,16 +483,39 @@ def _on_check(p: Payout, outcome: CheckOutcome, now: float, policy: Policy) -> D
                 return _to_awaiting(counted, now, policy, cause, "check")
             return Decision(replace(counted, next_check_at=plan_next_check(counted, now, policy)))
         case NotFound():
+            if p.status is S.AWAITING:
+                return _not_found_after_pending(counted, now, policy)
             end = window_end(p, policy)
-            if end is not None and now >= end:
+            if end is not None and sent_at >= end:
                 return _absent(counted, now, policy)
             return Decision(replace(counted, next_check_at=plan_next_check(counted, now, policy)))
         case RateLimited(retry_after=retry_after):
-            wait = retry_after if retry_after is not None else policy.block_pause
+            wait = policy.retry_delay(retry_after, policy.block_pause)
             return Decision(replace(counted, next_check_at=now + wait))
         case CheckFailed():
             return Decision(replace(counted, next_check_at=now + policy.check_interval))
     raise TypeError(f"not a check outcome: {outcome!r}")  # pragma: no cover
+
+
+_NOT_FOUND_AFTER_PENDING = "not_found_after_pending"
+
+
+def _not_found_after_pending(p: Payout, now: float, policy: Policy) -> Decision:
+    """The partner acknowledged this attempt (``pending``) and now answers 404.
+
+    That is no proof of absence (a lagging replica, a gateway's 404, a misrouted GET): the
+    payout stays ``awaiting`` and checks go on. The first such answer is flagged for an
+    operator (a conflict line in the audit trail and a ``ConflictDetected`` effect).
+    """
+    scheduled = replace(p, next_check_at=plan_next_check(p, now, policy))
+    if any(a.event == _NOT_FOUND_AFTER_PENDING for a in p.audit):
+        return Decision(scheduled)
+    detail = "partner answered 404 for a transfer it had acknowledged as pending"
+    entry = AuditEntry(
+        now, Cause.STATUS_CHECK, _NOT_FOUND_AFTER_PENDING, p.status, p.status, detail, conflict=True
+    )
+    flagged = replace(scheduled, audit=(*p.audit, entry))
+    return Decision(flagged, (ConflictDetected(S.FAILED, Cause.STATUS_CHECK, detail),))
 
 
 def _absent(p: Payout, now: float, policy: Policy) -> Decision:

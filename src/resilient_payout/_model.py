@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ._errors import InvalidRequest
 
@@ -85,9 +88,17 @@ class Cause(StrEnum):
     PARTNER_ANSWER = "partner_answer"
     WEBHOOK = "webhook"
     STATUS_CHECK = "status_check"
-    TIMEOUT = "timeout"
     RECOVERY = "recovery"
     OPERATOR = "operator"
+
+
+FINGERPRINT_VERSION: Final = "v2:"
+"""Prefix of the fingerprints :meth:`PayoutRequest.fingerprint` makes; 0.1.0's had none."""
+MAX_DIGITS: Final = 38
+"""A number must be below ``10**MAX_DIGITS`` in magnitude and have at most this many significant
+digits and this many digits after the decimal point."""
+MAX_DEPTH: Final = 32
+"""Objects and arrays may be nested this deep in a request's values, no deeper."""
 
 
 class PayoutRequest(BaseModel):
@@ -95,11 +106,36 @@ class PayoutRequest(BaseModel):
 
     Extra fields (an amount, a currency...) are kept and are part of the fingerprint: the same id
     with different contents is an :class:`~resilient_payout.IdempotencyConflict`.
+
+    Every extra value is canonicalized however the request is built (HTTP body,
+    ``client.submit(dict)``, ``PayoutRequest(...)``): numbers are exact, never binary floats; an
+    integral number becomes an ``int`` (``100.0`` -> ``100``), any other its decimal string
+    (``Decimal("100.50")`` -> ``"100.5"``). NaN, infinities, numbers beyond :data:`MAX_DIGITS`,
+    nesting beyond :data:`MAX_DEPTH`, non-string keys and non-JSON values are refused. See
+    docs/concepts.md, "The idempotency fingerprint".
     """
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
     id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonicalize(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data  # a model instance is canonical already; anything else fails validation
+        errors: list[InitErrorDetails] = []
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "id":
+                out[key] = value  # validated as a string: a number is no id
+            elif isinstance(key, str):
+                out[_plain_str(key)] = _canonical(value, (key,), errors)
+            else:
+                errors.append(_error((), "key_not_string", "field names must be strings", key))
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return out
 
     @classmethod
     def parse(cls, data: Any) -> PayoutRequest:
@@ -110,13 +146,143 @@ class PayoutRequest(BaseModel):
             raise InvalidRequest(_describe(exc)) from exc
 
     def payload(self) -> dict[str, Any]:
-        """The request as plain JSON-able data (id and extra fields)."""
-        return self.model_dump(mode="json")
+        """The canonical request as plain JSON-able data (id and extra fields), as stored.
+
+        Values are only ``None``, ``bool``, ``int``, ``str``, lists and dicts: a non-integral
+        number is its decimal string (``"100.5"``).
+        """
+        return {"id": self.id, **_plain(self.model_extra or {})}
 
     def fingerprint(self) -> str:
-        """A stable digest of the whole payload (key order does not matter)."""
-        canonical = json.dumps(self.payload(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """``"v2:"`` + the sha256 of the canonical payload's JSON (sorted keys, compact)."""
+        return FINGERPRINT_VERSION + _sha256_json(self.payload())
+
+    def matches(self, fingerprint: str) -> bool:
+        """Whether a stored fingerprint is this request's (a replay) rather than a conflict.
+
+        A fingerprint without the ``"v2:"`` prefix was written by 0.1.0 over float-parsed
+        numbers: it matches if this request, rendered as 0.1.0 saw it (non-integral numbers as
+        floats; integral ones as ints, or all of them as floats), has that fingerprint.
+        """
+        if fingerprint.startswith(FINGERPRINT_VERSION):
+            return fingerprint == self.fingerprint()
+        marked = {"id": self.id, **(self.model_extra or {})}
+        return any(fingerprint == _sha256_json(_legacy(marked, f)) for f in (False, True))
+
+
+class _NumberText(str):
+    """The canonical form of a non-integral number: a ``str`` that remembers it was a number.
+
+    It is a plain string in the payload and the fingerprint (the number ``100.5`` and the string
+    ``"100.5"`` are the same payload); only the 0.1.0 fingerprint, in :func:`_legacy`, tells.
+    """
+
+    __slots__ = ()
+
+
+_NOT_FINITE: Final = "must be a finite number (NaN and Infinity are refused)"
+_TOO_LARGE: Final = f"must be below 10**{MAX_DIGITS} in magnitude"
+_TOO_PRECISE: Final = (
+    f"must have at most {MAX_DIGITS} significant digits and {MAX_DIGITS} after the decimal point"
+)
+
+
+def _error(loc: tuple[str | int, ...], kind: str, msg: str, value: Any) -> InitErrorDetails:
+    # The message never contains the value: request contents are not echoed in answers.
+    return InitErrorDetails(type=PydanticCustomError(kind, msg), loc=loc, input=value)
+
+
+def _plain_str(value: str) -> str:
+    return value if type(value) is str else str.__str__(value)
+
+
+def _canonical(value: Any, loc: tuple[str | int, ...], errors: list[InitErrorDetails]) -> Any:
+    """The canonical form of one value (see :class:`PayoutRequest`); refusals go to ``errors``."""
+    if value is None or isinstance(value, bool | _NumberText):
+        return value
+    if isinstance(value, str):
+        return _plain_str(value)  # the app's strings are never touched (a subclass is unwrapped)
+    if isinstance(value, int):
+        if abs(value) >= 10**MAX_DIGITS:
+            errors.append(_error(loc, "number_too_large", _TOO_LARGE, value))
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            errors.append(_error(loc, "number_not_finite", _NOT_FINITE, value))
+            return None
+        return _canonical_number(Decimal(repr(value)), loc, errors)  # its shortest repr
+    if isinstance(value, Decimal):
+        return _canonical_number(value, loc, errors)
+    if isinstance(value, dict | list | tuple) and len(loc) > MAX_DEPTH:
+        errors.append(_error(loc, "too_deep", f"nested deeper than {MAX_DEPTH} levels", None))
+        return None
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if isinstance(key, str):
+                out[_plain_str(key)] = _canonical(item, (*loc, key), errors)
+            else:
+                errors.append(_error(loc, "key_not_string", "object keys must be strings", key))
+        return out
+    if isinstance(value, list | tuple):
+        return [_canonical(item, (*loc, i), errors) for i, item in enumerate(value)]
+    msg = "must be JSON data: a string, number, boolean, null, object or array"
+    errors.append(_error(loc, "not_json", msg, None))
+    return None
+
+
+def _canonical_number(
+    number: Decimal, loc: tuple[str | int, ...], errors: list[InitErrorDetails]
+) -> int | str | None:
+    """An exact number: an ``int`` if integral, else its decimal string without exponent or
+    trailing zeros; None, with an error, if it is not finite or beyond :data:`MAX_DIGITS`."""
+    if not number.is_finite():
+        errors.append(_error(loc, "number_not_finite", _NOT_FINITE, number))
+        return None
+    if number.is_zero():
+        return 0  # -0, 0.00, 0E+400
+    if number.adjusted() >= MAX_DIGITS:  # checked before any int(): 1E+400 stays small
+        errors.append(_error(loc, "number_too_large", _TOO_LARGE, number))
+        return None
+    sign, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    text = "".join(map(str, digits)).rstrip("0")
+    exponent += len(digits) - len(text)
+    if exponent >= 0:
+        return int(("-" if sign else "") + text + "0" * exponent)
+    if -exponent > MAX_DIGITS or len(text) > MAX_DIGITS:
+        errors.append(_error(loc, "number_too_precise", _TOO_PRECISE, number))
+        return None
+    return _NumberText(format(Decimal((sign, tuple(map(int, text)), exponent)), "f"))
+
+
+def _plain(value: Any) -> Any:
+    """Canonical values with every :class:`_NumberText` as a plain ``str``."""
+    if isinstance(value, str):
+        return _plain_str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _legacy(value: Any, ints_as_floats: bool) -> Any:
+    """Canonical values as 0.1.0 fingerprinted them: numbers with a fraction were floats."""
+    if isinstance(value, _NumberText):
+        return float(value)
+    if isinstance(value, int) and not isinstance(value, bool) and ints_as_floats:
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _legacy(v, ints_as_floats) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_legacy(v, ints_as_floats) for v in value]
+    return value
+
+
+def _sha256_json(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _describe(exc: ValidationError) -> str:
@@ -284,6 +450,8 @@ class OutboxEntry:
     attempts: int = 0
     delivered_at: float | None = None
     last_error: str | None = None
+    dead_at: float | None = None
+    """When delivery was given up on (dead-lettered); never claimed again until re-queued."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -294,6 +462,7 @@ class OutboxEntry:
             "attempts": self.attempts,
             "delivered_at": self.delivered_at,
             "last_error": self.last_error,
+            "dead_at": self.dead_at,
         }
 
     @classmethod
@@ -306,6 +475,7 @@ class OutboxEntry:
             attempts=int(d.get("attempts", 0)),
             delivered_at=d.get("delivered_at"),
             last_error=d.get("last_error"),
+            dead_at=d.get("dead_at"),  # absent in documents written before dead-lettering
         )
 
 

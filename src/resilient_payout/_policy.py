@@ -39,9 +39,22 @@ class Policy:
         "crash and becomes 'unknown'. Must exceed connect_timeout + read_timeout.",
     )
     claim_grace: float = _seconds(
-        10.0,
+        20.0,
         "A new payout belongs to the process that created it for this long before others "
         "may pick it up (it is submitted at once by its creator; this only covers a crash).",
+    )
+    max_send_delay: float = _seconds(
+        15.0,
+        "Longest time from deciding to POST to the request reaching the partner. The client "
+        "refuses to send an attempt older than max_send_delay - connect_timeout (a stall after "
+        "the decision: loop lag, GC, a frozen VM) and decides again; the late-arrival window "
+        "must leave room for it.",
+    )
+    max_clock_skew: float = _seconds(
+        10.0,
+        "Largest difference between the clocks of instances sharing one storage (keep them on "
+        "NTP). Windows, deadlines and leases written by one instance are judged by another's "
+        "clock, so every one of them leaves this much room.",
     )
     max_send_retries: int = 5
     """POSTs that surely never reached the partner (or got 429) before giving up as failed."""
@@ -84,6 +97,11 @@ class Policy:
     block_pause: float = _seconds(
         60.0, "Pause of all checks after the partner says 'too many' (429) without Retry-After"
     )
+    max_retry_after: float = _seconds(
+        300.0,
+        "Longest wait a partner's Retry-After may impose (on a submit or on all checks); a "
+        "longer one is capped and logged, so one bad header cannot park payouts for a year",
+    )
 
     # -- background work -------------------------------------------------------------------------
     lease: float = _seconds(30.0, "How long a claimed piece of work belongs to its claimer")
@@ -97,6 +115,9 @@ class Policy:
     notify_backoff_max: float = _seconds(60.0, "Cap of the push retry delay")
     notify_attempts_per_round: int = 4
     """Pushes tried in one round before the entry is put back in the outbox for later."""
+    notify_max_rounds: int = 200
+    """Refused rounds after which an outbox entry is dead-lettered: no longer pushed by itself,
+    counted in ``/metrics``, left for an operator to re-queue (at the default backoff, hours)."""
 
     def scaled(self, factor: float) -> Policy:
         """Every duration multiplied by ``factor``, every rate divided by it."""
@@ -111,14 +132,41 @@ class Policy:
                 changes[f.name] = getattr(self, f.name) / factor
         return dataclasses.replace(self, **changes)
 
+    def retry_delay(self, retry_after: float | None, default: float) -> float:
+        """The wait a 429 imposes: the partner's Retry-After (capped), else ``default``."""
+        if retry_after is None or retry_after != retry_after:  # None or NaN
+            return default
+        return min(max(retry_after, 0.0), self.max_retry_after)
+
     def replace(self, **changes: Any) -> Policy:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
-        if self.submit_deadline <= self.connect_timeout + self.read_timeout:
-            raise ValueError("submit_deadline must exceed connect_timeout + read_timeout")
-        if not self.earliest_landing < self.latest_landing <= self.late_arrival_window:
-            raise ValueError("need earliest_landing < latest_landing <= late_arrival_window")
+        # Every relation below is a money rule (docs/concepts.md, "Timing assumptions").
+        if self.max_send_delay <= self.connect_timeout:
+            raise ValueError("max_send_delay must exceed connect_timeout")
+        if self.submit_deadline <= self.connect_timeout + self.read_timeout + self.max_clock_skew:
+            # Another instance must not presume a POST orphaned while it can still be answered.
+            raise ValueError(
+                "submit_deadline must exceed connect_timeout + read_timeout + max_clock_skew"
+            )
+        if not self.earliest_landing < self.latest_landing:
+            raise ValueError("need earliest_landing < latest_landing")
+        slack = self.latest_landing + self.max_send_delay + self.max_clock_skew
+        if self.late_arrival_window < slack:
+            # A window without room for a late send and a fast clock confirms absence while
+            # the first attempt can still land: a second payment.
+            raise ValueError(
+                "late_arrival_window must be at least latest_landing + max_send_delay + "
+                f"max_clock_skew ({slack:g} s)"
+            )
+        if self.lease <= self.check_timeout + self.max_clock_skew:
+            raise ValueError("lease must exceed check_timeout + max_clock_skew")
+        if self.claim_grace <= self.max_clock_skew:
+            # A fast clock elsewhere would take a new payout from the process submitting it.
+            raise ValueError("claim_grace must exceed max_clock_skew")
+        if self.max_retry_after <= 0 or self.notify_max_rounds < 1:
+            raise ValueError("max_retry_after and notify_max_rounds must be positive")
         if self.max_submit_attempts < 1 or self.check_burst < 1 or self.check_rate <= 0:
             raise ValueError("max_submit_attempts, check_burst and check_rate must be positive")

@@ -72,12 +72,14 @@ variable                         default     meaning
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from decimal import Decimal
 from http import HTTPStatus
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -600,8 +602,12 @@ _STATS_HELP: Final[Mapping[str, str]] = {
     "resubmissions": "Second attempts after confirmed absence",
     "recovered_orphans": "Submits orphaned by a crash, recovered as unknown",
     "conflicts": "Reports that disagreed with a final status (never applied)",
+    "hook_errors": "on_conflict hooks that raised (logged; the client went on)",
+    "sends_expired": "Attempts not sent because they went stale after the decision",
+    "retry_after_capped": "Partner Retry-After values capped at max_retry_after",
     "notifications_delivered": "Outcomes acknowledged by the app",
     "notification_rounds_failed": "Push rounds that gave up (retried later)",
+    "notifications_dead": "Outbox entries dead-lettered by this process after notify_max_rounds",
     "races_lost": "Compare-and-set races lost (re-read and decided again)",
     "work_errors": "Background work that failed (retried later)",
 }
@@ -613,6 +619,7 @@ class _ClientCollector(Collector):
     def __init__(self) -> None:
         self.client: PayoutClient | None = None
         self.by_status: Mapping[PayoutStatus, int] | None = None
+        self.dead_outbox: int | None = None
 
     def describe(self) -> Iterable[Metric]:
         return ()  # registering must not trigger a collect (the client may not exist yet)
@@ -645,6 +652,13 @@ class _ClientCollector(Collector):
             for status in PayoutStatus:
                 payouts.add_metric([status.value], float(self.by_status.get(status, 0)))
             yield payouts
+        if self.dead_outbox is not None:
+            dead = GaugeMetricFamily(
+                "resilient_payout_outbox_dead",
+                "Outbox entries dead-lettered (pushes given up; an operator must re-queue them)",
+            )
+            dead.add_metric([], float(self.dead_outbox))
+            yield dead
 
 
 class _RequestMetrics:
@@ -710,6 +724,60 @@ def _check_policy(body: PayoutRequest, settings: ServiceSettings) -> None:
             f"{len(body.model_extra)} unknown field(s); only 'id' is accepted "
             "(RP_EXTRA_FIELDS=forbid)"
         )
+
+
+class _NonFiniteConstant(Exception):
+    """``NaN``, ``Infinity`` or ``-Infinity`` in a body: Python's json accepts them, we do not."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFiniteConstant(name)
+
+
+def _loads_exact(raw: bytes, parse_constant: Callable[[str], Any]) -> Any:
+    # Fractions and exponents become Decimals from their literal text, never binary floats; an
+    # integer literal too long for int() (4300 digits) too, for the model to refuse as too large.
+    return json.loads(
+        raw,
+        parse_float=Decimal,
+        parse_int=lambda text: int(text) if len(text) <= 64 else Decimal(text),
+        parse_constant=parse_constant,
+    )
+
+
+def _transaction_body(raw: bytes, content_type: str | None) -> PayoutRequest:
+    """The ``POST /transaction`` body, parsed exactly and canonicalized by :class:`PayoutRequest`.
+
+    Answers as FastAPI's own body parsing did: no body or a non-JSON media type is a 422, bad
+    JSON a 400 ``malformed-json``; ``NaN``/``Infinity`` and numbers the model refuses are a 422.
+    """
+    if not raw:
+        errors: list[dict[str, Any]] = [
+            {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
+        ]
+        raise RequestValidationError(errors)
+    data: Any = raw  # not JSON: refused by validation (not a dictionary), as before
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media.startswith("application/") and media.endswith(("/json", "+json")):
+        try:
+            try:
+                data = _loads_exact(raw, _refuse_constant)
+            except _NonFiniteConstant:
+                # Refused either way: parsed again with the constant as a Decimal NaN/Infinity,
+                # which the model refuses, only so that the answer names the field.
+                data = _loads_exact(raw, Decimal)
+        except RecursionError:  # valid JSON, nested far deeper than the model would allow
+            errors = [{"type": "too_deep", "loc": ("body",), "msg": "nested too deeply"}]
+            raise RequestValidationError(errors) from None
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8/16/32
+            raise _ProblemRaised(
+                400, "malformed-json", "Malformed JSON", "the request body is not valid JSON"
+            ) from None
+    try:
+        return PayoutRequest.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
 
 
 def _view(payout: Payout) -> TransactionStatus:
@@ -903,11 +971,16 @@ def create_app(
             },
             **_problems(400, 409, 413, 422, 500, 503),
         },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PayoutRequest.model_json_schema()}},
+            }
+        },
     )
     async def submit_transaction(
         request: Request,
         response: Response,
-        body: PayoutRequest,
         prefer: str | None = Header(
             default=None,
             alias="Prefer",
@@ -919,6 +992,8 @@ def create_app(
             examples=["wait=5"],
         ),
     ) -> TransactionStatus:
+        raw = await _read_capped(request, settings.max_transaction_body)
+        body = _transaction_body(raw, request.headers.get("content-type"))
         client = running_client()
         _check_policy(body, settings)
         payout = (await client.submit(body)).payout
@@ -1013,13 +1088,16 @@ def create_app(
     async def metrics() -> Response:
         client = collector.client
         by_status: Mapping[PayoutStatus, int] | None = None
+        dead: int | None = None
         if client is not None:
             try:
                 by_status = await client.storage.count_by_status()
+                dead = await client.storage.count_dead_outbox()
             except StorageError as exc:
                 log.warning("metrics: counting payouts failed: %s", exc)
         # No await between setting and rendering: concurrent scrapes cannot mix their counts.
         collector.by_status = by_status
+        collector.dead_outbox = dead
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -14,8 +14,10 @@ connection refused, DNS failure (before send)   ``NotSent(reason)``
 garbage body, any other status
 ==============================================  ===================================
 
-Status checks: 200 -> ``Found(status)``, 404 -> ``NotFound()``, 429 -> ``RateLimited``, anything
-else -> ``CheckFailed(reason)``.
+Status checks: 200 -> ``Found(status)``, 404 with an empty or JSON body -> ``NotFound()`` (a 404
+page in HTML or text is a gateway's, not the partner's: ``CheckFailed``), 429 -> ``RateLimited``,
+anything else -> ``CheckFailed(reason)``. A ``Retry-After`` is passed on as given; the client
+caps it at ``Policy.max_retry_after``.
 """
 
 from __future__ import annotations
@@ -251,10 +253,27 @@ def _classify_check(payout_id: str, answer: Answer) -> CheckOutcome:
             return Found(status)
         return CheckFailed(f"HTTP 200 with garbage body: {status}")
     if code == 404:
-        return NotFound()
+        if _partner_404(answer.body):
+            return NotFound()
+        # A 404 page of a gateway or a misrouted GET says nothing about the partner's records,
+        # and a NotFound after the window is taken as proof that the transfer never happened.
+        return CheckFailed("HTTP 404 with a body that is not the partner's JSON")
     if code == 429:
         return RateLimited(_parse_retry_after(answer.headers))
     return CheckFailed(f"HTTP {code}")
+
+
+def _partner_404(body: bytes | None) -> bool:
+    """Whether a 404's body can be the partner's: empty, or JSON (never an HTML page)."""
+    if body is None:
+        return False
+    if not body.strip():
+        return True
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_record(payout_id: str, body: bytes | None) -> PartnerStatus | str:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from ._errors import InvalidWebhook, WebhookRejected
+from ._errors import InvalidWebhook, WebhookAuthError
 from ._model import ID_PATTERN, PartnerStatus
 
 __all__ = [
@@ -68,14 +68,6 @@ class RejectReason(StrEnum):
     REPLAYED = "replayed"
     NOT_CONFIGURED = "not_configured"
     """The receiver has no secret and was not told to accept unsigned webhooks."""
-
-
-class WebhookAuthError(WebhookRejected):
-    """A :class:`~resilient_payout.WebhookRejected` that says why (``reason``)."""
-
-    def __init__(self, reason: RejectReason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @runtime_checkable

@@ -2,7 +2,10 @@
 
 To test a new backend, write a factory (an async context manager that yields an opened, empty
 storage) and add it to :data:`BACKENDS`; every test that takes the ``storage`` fixture, including
-the whole :class:`~resilient_payout.testing.contract.StorageContract`, then runs on it too.
+the whole :class:`~resilient_payout.testing.contract.StorageContract`, then runs on it too. A
+backend that several processes share also goes into :data:`SHARED_BACKENDS` (a factory yielding
+an ``open_instances`` function: objects on one database), which runs
+:class:`~resilient_payout.testing.contract.MultiInstanceContract` on it.
 
 PostgreSQL and Redis run on the servers named by ``RP_TEST_POSTGRES_URL`` and
 ``RP_TEST_REDIS_URL`` (defaults: a local server of each). A server that does not answer skips
@@ -35,6 +38,7 @@ from resilient_payout.storage.memory import MemoryStorage  # noqa: E402
 from resilient_payout.storage.postgres import PostgresStorage  # noqa: E402
 from resilient_payout.storage.redis import RedisStorage  # noqa: E402
 from resilient_payout.storage.sqlite import SQLiteStorage  # noqa: E402
+from resilient_payout.testing.contract import OpenInstances  # noqa: E402
 
 BackendFactory = Callable[[Path], AbstractAsyncContextManager[Storage]]
 """Given a fresh temporary directory, an opened empty storage (closed on exit)."""
@@ -272,4 +276,80 @@ def backend(request: pytest.FixtureRequest) -> BackendFactory:
 @pytest.fixture
 async def storage(backend: BackendFactory, tmp_path: Path) -> AsyncIterator[Storage]:
     async with backend(tmp_path) as opened:
+        yield opened
+
+
+# -- several objects on one database -----------------------------------------------------------
+
+SharedBackendFactory = Callable[[Path], AbstractAsyncContextManager[OpenInstances]]
+"""Given a fresh temporary directory, ``open_instances`` on one new empty database; every object
+it opened is closed on exit (and the database dropped)."""
+
+
+@asynccontextmanager
+async def _instances(make: Callable[[], Storage]) -> AsyncIterator[OpenInstances]:
+    opened: list[Storage] = []
+
+    async def open_instances(n: int) -> list[Storage]:
+        batch = [make() for _ in range(n)]
+        for storage in batch:
+            await storage.open()
+            opened.append(storage)
+        return batch
+
+    try:
+        yield open_instances
+    finally:
+        for storage in opened:
+            await storage.close()
+
+
+@asynccontextmanager
+async def sqlite_instances(tmp_path: Path) -> AsyncIterator[OpenInstances]:
+    """Objects on one file, each with its own connection (as processes on one machine)."""
+    path = tmp_path / "shared.db"
+    async with _instances(lambda: SQLiteStorage(path)) as open_instances:
+        yield open_instances
+
+
+@asynccontextmanager
+async def postgres_instances(tmp_path: Path) -> AsyncIterator[OpenInstances]:
+    """Objects on one fresh schema, each with its own pool."""
+    url = await server_url("postgres")
+    schema = fresh_schema()
+    try:
+        async with _instances(
+            lambda: PostgresStorage(url, schema=schema, pool_max=4)
+        ) as open_instances:
+            yield open_instances
+    finally:
+        await drop_schema(url, schema)
+
+
+@asynccontextmanager
+async def redis_instances(tmp_path: Path) -> AsyncIterator[OpenInstances]:
+    """Objects on one fresh key prefix, each with its own client."""
+    url = await server_url("redis")
+    prefix = fresh_prefix()
+    try:
+        async with _instances(lambda: RedisStorage(url, prefix=prefix)) as open_instances:
+            yield open_instances
+    finally:
+        await delete_prefix(url, prefix)
+
+
+SHARED_BACKENDS = [
+    pytest.param(sqlite_instances, id="sqlite"),
+    pytest.param(postgres_instances, id="postgres", marks=pytest.mark.postgres),
+    pytest.param(redis_instances, id="redis", marks=pytest.mark.redis),
+]
+"""No memory entry: a MemoryStorage object is a database of its own, nothing to share."""
+
+
+@pytest.fixture(params=SHARED_BACKENDS)
+async def open_instances(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[OpenInstances]:
+    factory: SharedBackendFactory = request.param
+    async with factory(tmp_path) as opened:
         yield opened

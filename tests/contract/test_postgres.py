@@ -1,6 +1,8 @@
-"""PostgresStorage beyond the contract: several instances on one schema, migrations, outages.
+"""PostgresStorage beyond the contracts: URLs, migrations, the pool's bound, atomicity, outages.
 
-Each storage object has its own connection pool, like a separate process would.
+Several instances racing on one schema are :class:`MultiInstanceContract`'s (run from
+test_storage_contract.py). Each storage object has its own connection pool, like a separate
+process would.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 import anyio
 import asyncpg
@@ -15,7 +18,7 @@ import pytest
 
 from resilient_payout._errors import StorageError, StorageUnavailable
 from resilient_payout._model import PayoutStatus
-from resilient_payout.storage.postgres import MIGRATIONS, PostgresStorage
+from resilient_payout.storage.postgres import _MIGRATIONS_TABLE, MIGRATIONS, PostgresStorage
 from resilient_payout.testing.contract import T0, make_outbox, make_payout
 
 from .conftest import TcpProxy, closed_port, drop_schema, fresh_schema, with_port
@@ -32,7 +35,7 @@ async def schema(postgres_url: str) -> AsyncIterator[str]:
     await drop_schema(postgres_url, name)
 
 
-async def _opened(url: str, schema: str, **options: int) -> PostgresStorage:
+async def _opened(url: str, schema: str, **options: Any) -> PostgresStorage:
     storage = PostgresStorage(url, schema=schema, **options)
     await storage.open()
     return storage
@@ -55,6 +58,16 @@ def test_from_url_takes_our_options_and_passes_the_rest_to_asyncpg() -> None:
     )
     default = PostgresStorage.from_url("postgresql://localhost/db")
     assert (default.schema, default._pool_min, default._pool_max) == ("resilient_payout", 1, 10)
+    assert default._pool_timeout == 10.0
+    bounded = PostgresStorage.from_url("postgresql://localhost/db?pool_timeout=0.5&sslmode=x")
+    assert (bounded._pool_timeout, bounded._dsn) == (0.5, "postgresql://localhost/db?sslmode=x")
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1"])
+def test_from_url_rejects_a_bad_pool_timeout_without_echoing_the_url(value: str) -> None:
+    with pytest.raises(ValueError, match="pool_timeout") as raised:
+        PostgresStorage.from_url(f"postgresql://app:s3cret@db/x?pool_timeout={value}")
+    assert "s3cret" not in str(raised.value)
 
 
 @pytest.mark.parametrize(
@@ -72,46 +85,7 @@ def test_from_url_rejects_bad_urls(url: str) -> None:
         PostgresStorage.from_url(url)
 
 
-# -- several instances -------------------------------------------------------------------------
-
-
-@needs_postgres
-async def test_instances_on_one_schema_claim_disjoint_sets(postgres_url: str, schema: str) -> None:
-    workers = [await _opened(postgres_url, schema, pool_max=4) for _ in range(3)]
-    try:
-        ids = {f"p-{i:03}" for i in range(90)}
-        for i, pid in enumerate(sorted(ids)):
-            stored, _ = await workers[i % 3].create_if_absent(
-                make_payout(pid, next_check_at=T0 - i)
-            )
-            if i % 2:  # half of them also get an outbox entry
-                final = replace(stored, status=PayoutStatus.COMPLETED)
-                await workers[0].compare_and_set(
-                    final, expected_version=1, outbox=make_outbox(pid, at=T0 - i)
-                )
-        claimed: list[str] = []
-        pushed: list[str] = []
-
-        async def drain(storage: PostgresStorage, owner: str) -> None:
-            for _ in range(len(ids)):  # bounded: a broken backend fails instead of hanging
-                batch = await storage.claim_due(T0, owner=owner, lease_seconds=30, limit=4)
-                entries = await storage.claim_outbox(T0, owner=owner, lease_seconds=30, limit=3)
-                if not batch and not entries:
-                    return
-                claimed.extend(p.id for p in batch)
-                pushed.extend(e.payout_id for e in entries)
-
-        async with anyio.create_task_group() as tg:
-            for n, storage in enumerate(workers):
-                tg.start_soon(drain, storage, f"w{n}a")
-                tg.start_soon(drain, storage, f"w{n}b")
-        assert len(claimed) == len(set(claimed)) == 45
-        assert set(claimed) == {f"p-{i:03}" for i in range(0, 90, 2)}
-        assert len(pushed) == len(set(pushed)) == 45
-        assert set(pushed) == ids - set(claimed)
-    finally:
-        for storage in workers:
-            await storage.close()
+# -- schema -----------------------------------------------------------------------------------
 
 
 @needs_postgres
@@ -157,36 +131,6 @@ async def test_migrate_without_open_then_open_applies_nothing(
 
 
 @needs_postgres
-async def test_stale_owner_loses_after_another_instance_takes_over_its_lease(
-    postgres_url: str, schema: str
-) -> None:
-    a = await _opened(postgres_url, schema)
-    b = await _opened(postgres_url, schema)
-    try:
-        await a.create_if_absent(make_payout("p-1"))
-        (stale,) = await a.claim_due(T0, owner="a", lease_seconds=30, limit=10)
-        assert await b.claim_due(T0 + 29, owner="b", lease_seconds=30, limit=10) == []
-        (fresh,) = await b.claim_due(T0 + 31, owner="b", lease_seconds=30, limit=10)
-        assert fresh.version == stale.version + 1 == 3
-        final = replace(stale, status=PayoutStatus.COMPLETED, next_check_at=None)
-        assert await a.compare_and_set(final, expected_version=2, outbox=make_outbox()) is None
-        assert await b.get_outbox("p-1") is None
-        won = await b.compare_and_set(
-            replace(fresh, status=PayoutStatus.DECLINED, next_check_at=None),
-            expected_version=fresh.version,
-            outbox=make_outbox(status=PayoutStatus.DECLINED),
-        )
-        assert won is not None
-        assert (await a.get("p-1"), await a.get_outbox("p-1")) == (
-            won,
-            make_outbox(status=PayoutStatus.DECLINED),
-        )
-    finally:
-        await a.close()
-        await b.close()
-
-
-@needs_postgres
 async def test_claim_writes_version_and_lease_columns(postgres_url: str, schema: str) -> None:
     storage = await _opened(postgres_url, schema)
     try:
@@ -202,8 +146,110 @@ async def test_claim_writes_version_and_lease_columns(postgres_url: str, schema:
         )
     finally:
         await conn.close()
+    assert row is not None
     assert tuple(row) == (claimed.version, "a", T0 + 30, False)
     assert claimed.version == 2
+
+
+@needs_postgres
+async def test_upgrades_a_first_release_schema_in_place(
+    postgres_url: str, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        # The schema as the first release left it (migration 1 only), with an undelivered entry.
+        async with conn.transaction():
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
+            await conn.execute(_MIGRATIONS_TABLE.format(s=f'"{schema}"'))
+            await conn.execute(MIGRATIONS[0].format(s=f'"{schema}"'))
+            await conn.execute(f'INSERT INTO "{schema}".schema_migrations (version) VALUES (1)')
+            await conn.execute(
+                f'INSERT INTO "{schema}".outbox (payout_id, status, created_at, next_attempt_at, '
+                "attempts, last_error) VALUES ('old', 'completed', $1, $1, 3, 'HTTP 502')",
+                T0,
+            )
+    finally:
+        await conn.close()
+    caplog.set_level(logging.INFO, logger="resilient_payout.storage")
+    a, b = (
+        PostgresStorage(postgres_url, schema=schema),
+        PostgresStorage(postgres_url, schema=schema),
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.open)
+        tg.start_soon(b.open)
+    try:
+        applied = [r.getMessage() for r in caplog.records if "applied migrations" in r.message]
+        assert applied == [f"PostgreSQL schema {schema!r}: applied migrations 2..{len(MIGRATIONS)}"]
+        entry = replace(make_outbox("old"), attempts=3, last_error="HTTP 502")
+        assert await b.get_outbox("old") == entry
+        await a.dead_letter_outbox("old", at=T0 + 1, error="gave up")
+        assert await b.claim_outbox(T0 + 60, owner="b", lease_seconds=30, limit=9) == []
+        assert await b.count_dead_outbox() == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+# -- atomicity ----------------------------------------------------------------------------------
+
+
+@needs_postgres
+async def test_outbox_insert_fails_with_its_compare_and_set(postgres_url: str, schema: str) -> None:
+    """A failure between the update and the outbox insert undoes the update: one transaction."""
+    storage = await _opened(postgres_url, schema)
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        v1, _ = await storage.create_if_absent(make_payout("p-1"))
+        await admin.execute(
+            f"""
+            CREATE FUNCTION "{schema}".fail_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'injected outbox failure'; END $$;
+            CREATE TRIGGER fail_outbox BEFORE INSERT ON "{schema}".outbox
+                FOR EACH ROW EXECUTE FUNCTION "{schema}".fail_outbox();
+            """
+        )
+        final = replace(v1, status=PayoutStatus.COMPLETED, next_check_at=None)
+        with pytest.raises(StorageError, match="injected outbox failure"):
+            await storage.compare_and_set(final, expected_version=1, outbox=make_outbox("p-1"))
+        after = await storage.get("p-1")
+        assert after is not None
+        assert (after.version, after.status) == (1, PayoutStatus.RECEIVED)
+        assert after == v1
+        assert await storage.get_outbox("p-1") is None
+        # Also as another session sees it: nothing of the failed statement was committed.
+        row = await admin.fetchrow(f'SELECT version, status FROM "{schema}".payouts')
+        assert row is not None
+        assert tuple(row) == (1, "received")
+        assert await admin.fetchval(f'SELECT count(*) FROM "{schema}".outbox') == 0
+        assert await storage.compare_and_set(final, expected_version=1) is not None
+    finally:
+        await admin.close()
+        await storage.close()
+
+
+# -- the pool's bound ---------------------------------------------------------------------------
+
+
+@needs_postgres
+async def test_an_exhausted_pool_raises_storage_unavailable_after_pool_timeout(
+    postgres_url: str, schema: str
+) -> None:
+    storage = await _opened(postgres_url, schema, pool_min=1, pool_max=1, pool_timeout=0.3)
+    try:
+        stored, _ = await storage.create_if_absent(make_payout("p-1"))
+        held = await storage._conn().acquire()  # a stuck operation holding the only connection
+        started = anyio.current_time()
+        try:
+            with anyio.fail_after(5), pytest.raises(StorageUnavailable, match="pool exhausted"):
+                await storage.get("p-1")
+            waited = anyio.current_time() - started
+        finally:
+            await storage._conn().release(held)
+        assert 0.3 <= waited < 3
+        assert await storage.get("p-1") == stored  # the connection is back: all is well again
+    finally:
+        await storage.close()
 
 
 # -- outages -----------------------------------------------------------------------------------

@@ -1,17 +1,20 @@
-"""RedisStorage beyond the contract: several instances on one prefix, key layout, outages.
+"""RedisStorage beyond the contracts: URLs, key layout, the durability check, outages.
 
-Each storage object has its own client and connection pool, like a separate process would.
+Several instances racing on one prefix are :class:`MultiInstanceContract`'s (run from
+test_storage_contract.py). Each storage object has its own client and connection pool, like a
+separate process would.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-import anyio
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions as rex
 
 from resilient_payout._errors import StorageError, StorageUnavailable
 from resilient_payout._model import PayoutStatus
@@ -64,112 +67,7 @@ def test_from_url_rejects_bad_urls(url: str) -> None:
         RedisStorage.from_url(url)
 
 
-# -- several instances -------------------------------------------------------------------------
-
-
-@needs_redis
-async def test_instances_on_one_prefix_claim_disjoint_sets(redis_url: str, prefix: str) -> None:
-    workers = [await _opened(redis_url, prefix) for _ in range(3)]
-    try:
-        ids = {f"p-{i:03}" for i in range(90)}
-        for i, pid in enumerate(sorted(ids)):
-            stored, _ = await workers[i % 3].create_if_absent(
-                make_payout(pid, next_check_at=T0 - i)
-            )
-            if i % 2:
-                final = replace(stored, status=PayoutStatus.COMPLETED)
-                await workers[0].compare_and_set(
-                    final, expected_version=1, outbox=make_outbox(pid, at=T0 - i)
-                )
-        claimed: list[str] = []
-        pushed: list[str] = []
-
-        async def drain(storage: RedisStorage, owner: str) -> None:
-            for _ in range(len(ids)):  # bounded: a broken backend fails instead of hanging
-                batch = await storage.claim_due(T0, owner=owner, lease_seconds=30, limit=4)
-                entries = await storage.claim_outbox(T0, owner=owner, lease_seconds=30, limit=3)
-                if not batch and not entries:
-                    return
-                claimed.extend(p.id for p in batch)
-                pushed.extend(e.payout_id for e in entries)
-
-        async with anyio.create_task_group() as tg:
-            for n, storage in enumerate(workers):
-                tg.start_soon(drain, storage, f"w{n}a")
-                tg.start_soon(drain, storage, f"w{n}b")
-        assert len(claimed) == len(set(claimed)) == 45
-        assert set(claimed) == {f"p-{i:03}" for i in range(0, 90, 2)}
-        assert len(pushed) == len(set(pushed)) == 45
-        assert set(pushed) == ids - set(claimed)
-    finally:
-        for storage in workers:
-            await storage.close()
-
-
-@needs_redis
-async def test_instances_on_one_prefix_race_create_and_cas(redis_url: str, prefix: str) -> None:
-    workers = [await _opened(redis_url, prefix) for _ in range(4)]
-    try:
-        created: list[bool] = []
-        won: list[bool] = []
-
-        async def create(storage: RedisStorage, n: int) -> None:
-            _, was_created = await storage.create_if_absent(make_payout("p", fingerprint=str(n)))
-            created.append(was_created)
-
-        async def finish(storage: RedisStorage, n: int) -> None:
-            final = replace(make_payout("p"), status=PayoutStatus.FAILED, next_check_at=None)
-            out = await storage.compare_and_set(
-                final, expected_version=1, outbox=make_outbox("p", at=T0 + n)
-            )
-            won.append(out is not None)
-
-        for step in (create, finish):
-            async with anyio.create_task_group() as tg:
-                for n in range(20):
-                    tg.start_soon(step, workers[n % 4], n)
-        assert created.count(True) == 1
-        assert won.count(True) == 1
-        stored = await workers[1].get("p")
-        assert stored is not None
-        assert stored.version == 2
-        assert await workers[2].count_by_status() == {
-            **dict.fromkeys(PayoutStatus, 0),
-            PayoutStatus.FAILED: 1,
-        }
-    finally:
-        for storage in workers:
-            await storage.close()
-
-
-@needs_redis
-async def test_stale_owner_loses_after_another_instance_takes_over_its_lease(
-    redis_url: str, prefix: str
-) -> None:
-    a = await _opened(redis_url, prefix)
-    b = await _opened(redis_url, prefix)
-    try:
-        await a.create_if_absent(make_payout("p-1"))
-        (stale,) = await a.claim_due(T0, owner="a", lease_seconds=30, limit=10)
-        assert await b.claim_due(T0 + 29, owner="b", lease_seconds=30, limit=10) == []
-        (fresh,) = await b.claim_due(T0 + 31, owner="b", lease_seconds=30, limit=10)
-        assert fresh.version == stale.version + 1 == 3
-        final = replace(stale, status=PayoutStatus.COMPLETED, next_check_at=None)
-        assert await a.compare_and_set(final, expected_version=2, outbox=make_outbox()) is None
-        assert await b.get_outbox("p-1") is None
-        won = await b.compare_and_set(
-            replace(fresh, status=PayoutStatus.DECLINED, next_check_at=None),
-            expected_version=fresh.version,
-            outbox=make_outbox(status=PayoutStatus.DECLINED),
-        )
-        assert won is not None
-        assert (await a.get("p-1"), await a.get_outbox("p-1")) == (
-            won,
-            make_outbox(status=PayoutStatus.DECLINED),
-        )
-    finally:
-        await a.close()
-        await b.close()
+# -- key layout ---------------------------------------------------------------------------------
 
 
 @needs_redis
@@ -192,6 +90,99 @@ async def test_keys_stay_under_the_prefix_and_prefixes_are_isolated(
         await storage.close()
         await other.close()
         await delete_prefix(redis_url, other_prefix)
+
+
+@needs_redis
+async def test_outbox_entries_written_before_dead_lettering_need_no_migration(
+    redis_url: str, prefix: str, admin: aioredis.Redis
+) -> None:
+    # An entry as the previous release wrote it: no dead_at field, no idx:dead key.
+    await admin.hset(
+        prefix + "o:old",
+        mapping={"status": "completed", "created_at": repr(T0), "at": repr(T0), "attempts": "3"},
+    )
+    await admin.zadd(prefix + "idx:outbox", {"old": T0})
+    storage = await _opened(redis_url, prefix)
+    try:
+        assert await storage.get_outbox("old") == replace(make_outbox("old"), attempts=3)
+        assert await storage.count_dead_outbox() == 0
+        await storage.dead_letter_outbox("old", at=T0 + 1, error="gave up")
+        assert await storage.claim_outbox(T0 + 60, owner="a", lease_seconds=30, limit=9) == []
+        assert await admin.zrange(prefix + "idx:outbox", 0, -1) == []  # left the claimable set
+        assert await admin.zrange(prefix + "idx:dead", 0, -1) == ["old"]
+        assert await storage.count_dead_outbox() == 1
+    finally:
+        await storage.close()
+
+
+# -- the durability check at open -------------------------------------------------------------
+
+_RISK = "second payment"
+
+
+def _durability_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "resilient_payout.storage" and ("appendfsync" in r.getMessage())
+    ]
+
+
+@needs_redis
+async def test_open_warns_when_the_server_may_roll_decisions_back(
+    redis_url: str, prefix: str, admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = await admin.config_get("append*")
+    if (config["appendonly"], config["appendfsync"]) == ("yes", "always"):
+        pytest.skip("this Redis keeps every write on disk: nothing to warn about")
+    caplog.set_level(logging.INFO, logger="resilient_payout.storage")
+    storage = await _opened(redis_url, prefix)
+    try:
+        (record,) = _durability_records(caplog)
+        message = record.getMessage()
+        assert record.levelno == logging.WARNING
+        assert f"appendonly {config['appendonly']}, appendfsync {config['appendfsync']}" in message
+        assert _RISK in message
+        assert "POSTed to the partner again" in message
+        assert "pushed to the app again" in message
+        await storage.open()  # idempotent: no second warning
+        assert len(_durability_records(caplog)) == 1
+    finally:
+        await storage.close()
+
+
+@needs_redis
+async def test_open_is_quiet_on_a_durable_server(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def durable(self: aioredis.Redis, pattern: str = "*") -> dict[str, str]:
+        return {"appendonly": "yes", "appendfsync": "always", "appenddirname": "x"}
+
+    monkeypatch.setattr(aioredis.Redis, "config_get", durable)
+    caplog.set_level(logging.INFO, logger="resilient_payout.storage")
+    storage = await _opened(redis_url, prefix)
+    await storage.close()
+    assert _durability_records(caplog) == []
+
+
+@needs_redis
+async def test_open_says_at_info_when_config_is_refused(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refused(self: aioredis.Redis, pattern: str = "*") -> dict[str, str]:
+        raise rex.ResponseError("unknown command 'CONFIG'")  # as managed Redis answers
+
+    monkeypatch.setattr(aioredis.Redis, "config_get", refused)
+    caplog.set_level(logging.INFO, logger="resilient_payout.storage")
+    storage = await _opened(redis_url, prefix)
+    try:
+        (record,) = _durability_records(caplog)
+        assert record.levelno == logging.INFO
+        assert "could not be verified" in record.getMessage()
+        assert "unknown command" in record.getMessage()
+        assert await storage.get("p-1") is None  # open went on
+    finally:
+        await storage.close()
 
 
 # -- outages -----------------------------------------------------------------------------------

@@ -1,7 +1,12 @@
-"""The storage contract on every backend (see conftest.py), plus backend-specific guarantees."""
+"""The storage contract on every backend (see conftest.py), the multi-instance contract on every
+shared backend, plus backend-specific guarantees (SQLite's here; test_postgres.py, test_redis.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import random
 import sqlite3
 from dataclasses import dataclass, replace
@@ -15,13 +20,23 @@ from resilient_payout._model import Payout, PayoutStatus
 from resilient_payout.storage import Storage, storage_from_url
 from resilient_payout.storage.memory import MemoryStorage
 from resilient_payout.storage.sqlite import SQLiteStorage
-from resilient_payout.testing.contract import T0, StorageContract, make_outbox, make_payout
+from resilient_payout.testing.contract import (
+    T0,
+    MultiInstanceContract,
+    StorageContract,
+    make_outbox,
+    make_payout,
+)
 
 pytestmark = pytest.mark.anyio
 
 
 class TestStorageContract(StorageContract):
     """The whole suite, on each backend of ``BACKENDS``."""
+
+
+class TestMultiInstanceContract(MultiInstanceContract):
+    """Several objects on one database, on each backend of ``SHARED_BACKENDS``."""
 
 
 # -- every backend against a reference model --------------------------------------------------
@@ -168,6 +183,66 @@ def test_sqlite_from_url(tmp_path: Path) -> None:
             SQLiteStorage.from_url(bad)
 
 
+def test_sqlite_synchronous_defaults_to_durable_submits() -> None:
+    assert SQLiteStorage.from_url("sqlite:///x.db").synchronous == "submitting"
+    assert SQLiteStorage("x.db").synchronous == "submitting"
+    assert SQLiteStorage.from_url("sqlite:///x.db?synchronous=normal").synchronous == "normal"
+    assert SQLiteStorage.from_url("sqlite:///x.db?synchronous=NORMAL").synchronous == "normal"
+    assert SQLiteStorage.from_url("sqlite:///x.db?synchronous=full").synchronous == "full"
+    for bad in ["off", "extra", "2"]:
+        with pytest.raises(ValueError, match="synchronous") as raised:
+            SQLiteStorage.from_url(f"sqlite:////secret/dir/x.db?synchronous={bad}")
+        assert "secret" not in str(raised.value)  # the parameter, never the whole URL
+    with pytest.raises(ValueError, match="synchronous"):
+        SQLiteStorage("x.db", synchronous="OFF")
+
+
+@pytest.mark.parametrize(
+    ("url_option", "pragma"), [("", 1), ("?synchronous=full", 2), ("?synchronous=normal", 1)]
+)
+async def test_sqlite_sets_the_synchronous_pragma_on_its_connection(
+    db_path: Path, url_option: str, pragma: int
+) -> None:
+    storage = SQLiteStorage.from_url(f"sqlite:///{db_path}{url_option}")
+    await storage.open()
+    try:
+        # The setting is per connection: only the storage's own connection can tell.
+        assert storage._conn().execute("PRAGMA synchronous").fetchone() == (pragma,)
+        await storage.create_if_absent(make_payout("p-1"))
+        assert await storage.get("p-1") is not None
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize(
+    ("option", "pragmas"),
+    [
+        ("", ["PRAGMA synchronous = FULL", "PRAGMA synchronous = NORMAL"]),
+        ("?synchronous=normal", []),
+    ],
+)
+async def test_sqlite_commits_the_write_before_a_post_with_full_sync(
+    db_path: Path, option: str, pragmas: list[str]
+) -> None:
+    """The ``submitting`` write (a POST follows it) commits under FULL; the next one does not."""
+    storage = SQLiteStorage.from_url(f"sqlite:///{db_path}{option}")
+    await storage.open()
+    statements: list[str] = []
+    try:
+        created, _ = await storage.create_if_absent(make_payout("p-1"))
+        storage._conn().set_trace_callback(statements.append)
+        submitting = replace(created, status=PayoutStatus.SUBMITTING)
+        stored = await storage.compare_and_set(submitting, expected_version=created.version)
+        assert stored is not None
+        unknown = replace(stored, status=PayoutStatus.UNKNOWN)
+        assert await storage.compare_and_set(unknown, expected_version=stored.version)
+    finally:
+        storage._conn().set_trace_callback(None)
+        await storage.close()
+    # Once around the submitting write, and not at all around the next one.
+    assert [s for s in statements if "synchronous" in s] == pragmas
+
+
 async def test_sqlite_uses_wal_and_keeps_the_version_in_its_column(db_path: Path) -> None:
     storage = await _opened(db_path)
     try:
@@ -208,65 +283,6 @@ async def test_sqlite_survives_close_and_reopen(db_path: Path) -> None:
         }
     finally:
         await second.close()
-
-
-async def test_sqlite_objects_on_one_file_claim_disjoint_sets(db_path: Path) -> None:
-    workers = [await _opened(db_path) for _ in range(3)]
-    try:
-        ids = {f"p-{i:03}" for i in range(90)}
-        for i, pid in enumerate(sorted(ids)):
-            await workers[i % 3].create_if_absent(make_payout(pid, next_check_at=T0 - i))
-        claimed: list[str] = []
-
-        async def drain(storage: SQLiteStorage, owner: str) -> None:
-            for _ in range(len(ids)):  # bounded: a broken backend fails instead of hanging
-                batch = await storage.claim_due(T0, owner=owner, lease_seconds=30, limit=4)
-                if not batch:
-                    return
-                claimed.extend(p.id for p in batch)
-
-        async with anyio.create_task_group() as tg:
-            for n, storage in enumerate(workers):
-                tg.start_soon(drain, storage, f"w{n}a")
-                tg.start_soon(drain, storage, f"w{n}b")
-        assert len(claimed) == len(set(claimed))
-        assert set(claimed) == ids
-    finally:
-        for storage in workers:
-            await storage.close()
-
-
-async def test_sqlite_objects_on_one_file_race_create_and_cas(db_path: Path) -> None:
-    workers = [await _opened(db_path) for _ in range(4)]
-    try:
-        created: list[bool] = []
-        won: list[bool] = []
-
-        async def create(storage: SQLiteStorage, n: int) -> None:
-            _, was_created = await storage.create_if_absent(make_payout("p", fingerprint=str(n)))
-            created.append(was_created)
-
-        async def finish(storage: SQLiteStorage, n: int) -> None:
-            current = await storage.get("p")
-            assert current is not None
-            final = replace(current, status=PayoutStatus.FAILED, next_check_at=None)
-            out = await storage.compare_and_set(
-                final, expected_version=1, outbox=make_outbox("p", at=T0 + n)
-            )
-            won.append(out is not None)
-
-        for step in (create, finish):
-            async with anyio.create_task_group() as tg:
-                for n in range(20):
-                    tg.start_soon(step, workers[n % 4], n)
-        assert created.count(True) == 1
-        assert won.count(True) == 1
-        stored = await workers[0].get("p")
-        assert stored is not None
-        assert stored.version == 2
-    finally:
-        for storage in workers:
-            await storage.close()
 
 
 async def test_sqlite_locked_database_raises_storage_unavailable(db_path: Path) -> None:
@@ -379,3 +395,120 @@ async def test_sqlite_refuses_a_newer_schema_and_use_before_open(db_path: Path) 
     with pytest.raises(StorageError, match="newer"):
         await storage.open()
     await storage.close()
+
+
+# Exactly the schema the first release created (user_version 1), to test upgrades in place.
+_V1_SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS payouts (
+    id            TEXT PRIMARY KEY,
+    version       INTEGER NOT NULL,
+    status        TEXT NOT NULL,
+    next_check_at REAL,
+    lease_owner   TEXT,
+    lease_until   REAL,
+    doc           TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS payouts_due ON payouts (next_check_at, id, status, lease_until)
+    WHERE next_check_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS payouts_status ON payouts (status);
+CREATE TABLE IF NOT EXISTS outbox (
+    payout_id       TEXT PRIMARY KEY,
+    status          TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    delivered_at    REAL,
+    last_error      TEXT,
+    lease_owner     TEXT,
+    lease_until     REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, payout_id)
+    WHERE delivered_at IS NULL;
+PRAGMA user_version = 1;
+COMMIT;
+"""
+
+
+def _v1_file(path: Path) -> None:
+    """A database as the first release left it: a final payout with an undelivered entry."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        raw.execute("PRAGMA journal_mode = WAL")
+        raw.executescript(_V1_SCHEMA)
+        doc = make_payout("old", status=PayoutStatus.COMPLETED, next_check_at=None).to_dict()
+        del doc["version"]
+        raw.execute(
+            "INSERT INTO payouts (id, version, status, doc) VALUES ('old', 2, 'completed', ?)",
+            (json.dumps(doc),),
+        )
+        raw.execute(
+            "INSERT INTO outbox (payout_id, status, created_at, next_attempt_at, attempts, "
+            "last_error) VALUES ('old', 'completed', ?, ?, 3, 'HTTP 502')",
+            (T0, T0),
+        )
+
+
+async def test_sqlite_upgrades_a_first_release_file_in_place(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _v1_file(db_path)
+    caplog.set_level(logging.INFO, logger="resilient_payout.storage")
+    # Several objects open it at once, as processes restarting together would: ALTER TABLE is
+    # not idempotent, so a second application of the step would fail the open.
+    storages = [SQLiteStorage(db_path) for _ in range(4)]
+    async with anyio.create_task_group() as tg:
+        for storage in storages:
+            tg.start_soon(storage.open)
+    try:
+        applied = [r.getMessage() for r in caplog.records if "applied migrations" in r.message]
+        assert applied == [f"SQLite {db_path}: applied migrations 2..2"]
+        old = make_outbox("old", status=PayoutStatus.COMPLETED)
+        assert await storages[1].get_outbox("old") == replace(
+            old, attempts=3, last_error="HTTP 502"
+        )
+        stored = await storages[0].get("old")
+        assert stored is not None
+        assert (stored.version, stored.status) == (2, PayoutStatus.COMPLETED)
+        await storages[2].dead_letter_outbox("old", at=T0 + 1, error="gave up")
+        assert await storages[3].claim_outbox(T0 + 60, owner="a", lease_seconds=30, limit=9) == []
+        assert await storages[0].count_dead_outbox() == 1
+    finally:
+        for storage in storages:
+            await storage.close()
+    with contextlib.closing(sqlite3.connect(db_path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (2,)
+        (index_sql,) = raw.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'outbox_due'"
+        ).fetchone()
+    assert "dead_at IS NULL" in index_sql  # dead entries left the claimable index
+
+
+async def test_sqlite_outbox_insert_fails_with_its_compare_and_set(db_path: Path) -> None:
+    """A failure between the update and the outbox insert undoes the update: one transaction."""
+    storage = await _opened(db_path)
+    other = await _opened(db_path)  # reads through its own connection: only committed data
+    try:
+        v1, _ = await storage.create_if_absent(make_payout("p-1"))
+        with contextlib.closing(sqlite3.connect(db_path)) as raw:
+            raw.execute(
+                "CREATE TRIGGER fail_outbox BEFORE INSERT ON outbox "
+                "BEGIN SELECT RAISE(ABORT, 'injected outbox failure'); END"
+            )
+            raw.commit()
+        final = replace(v1, status=PayoutStatus.COMPLETED, next_check_at=None)
+        with pytest.raises(StorageError, match="injected outbox failure"):
+            await storage.compare_and_set(final, expected_version=1, outbox=make_outbox("p-1"))
+        for reader in (storage, other):
+            after = await reader.get("p-1")
+            assert after is not None
+            assert (after.version, after.status) == (1, PayoutStatus.RECEIVED)
+            assert after == v1
+            assert await reader.get_outbox("p-1") is None
+        # Nothing was left open: the next write goes through (and is seen by the other object).
+        assert await storage.compare_and_set(final, expected_version=1) is not None
+        done = await other.get("p-1")
+        assert done is not None
+        assert done.version == 2
+    finally:
+        await storage.close()
+        await other.close()

@@ -112,6 +112,14 @@ TX_CASES = [
     ({"json": "tx-1"}, 422, "invalid-request"),
     ({"content": b'{"id": "big", "pad": "' + b"x" * 20_000 + b'"}', "headers": JSON}, 413,
      "body-too-large"),
+    ({"content": b'{"id": "a", "amount": NaN, ', "headers": JSON}, 400, "malformed-json"),
+    ({"content": b'{"id": "a", "note": "\xff"}', "headers": JSON}, 400, "malformed-json"),
+    ({"content": b'{"id": "a", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": JSON}, 422,
+     "invalid-request"),
+    ({"content": b'{"id": "a", "x": ' + b"[" * 900 + b"]" * 900 + b"}", "headers": JSON}, 422,
+     "invalid-request"),
+    ({"content": b'{"id": "a", "x": ' + b"1" * 5000 + b"}", "headers": JSON}, 422,
+     "invalid-request"),
 ]  # fmt: skip
 
 
@@ -192,6 +200,74 @@ async def test_repeated_id_with_another_payload_is_a_409_and_keeps_the_first() -
         stored = await svc.storage.get("tx-r")
         assert stored is not None
         assert stored.request["amount"] == 10
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        (b'{"id": "tx-n", "amount": NaN}', ["body", "amount"]),
+        (b'{"id": "tx-n", "amount": Infinity}', ["body", "amount"]),
+        (b'{"id": "tx-n", "amount": -Infinity}', ["body", "amount"]),
+        (b'{"id": "tx-n", "amount": 1e400}', ["body", "amount"]),
+        (b'{"id": "tx-n", "amount": 1e-400}', ["body", "amount"]),
+        (b'{"id": "tx-n", "legs": [1, {"amount": NaN}]}', ["body", "legs", 1, "amount"]),
+    ],
+)
+async def test_non_finite_and_absurd_numbers_are_422_naming_the_field_and_store_nothing(
+    body: bytes, where: list[str | int]
+) -> None:
+    async with running() as svc:
+        response = await svc.http.post("/transaction", content=body, headers=JSON)
+        problem = assert_problem(response, 422, "invalid-request")
+        assert [e["loc"] for e in problem["errors"]] == [where]
+        assert problem["detail"].startswith(".".join(map(str, where)) + ": must ")
+        assert await svc.stored() == 0
+
+
+async def test_an_integral_amount_written_as_100_0_is_a_replay_of_100() -> None:
+    async with running() as svc:
+        first = await svc.http.post("/transaction", content=b'{"id":"tx-i","amount":100}',
+                                    headers=JSON)  # fmt: skip
+        again = await svc.http.post("/transaction", content=b'{"amount":1.0e2,"id":"tx-i"}',
+                                    headers=JSON)  # fmt: skip
+        assert (first.status_code, again.status_code) == (200, 200)
+        assert (svc.client.stats.submits, svc.client.stats.replays) == (1, 1)
+        stored = await svc.storage.get("tx-i")
+        assert stored is not None
+        assert stored.request == {"id": "tx-i", "amount": 100}
+        assert stored.fingerprint.startswith("v2:")
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (b"0.1", b"0.10000000000000000555"),
+        (b"9007199254740992.0", b"9007199254740993.0"),
+    ],
+)
+async def test_amounts_a_float_cannot_tell_apart_are_a_409(first: bytes, second: bytes) -> None:
+    async with running() as svc:
+        ok = await svc.http.post(
+            "/transaction", content=b'{"id": "tx-p", "amount": ' + first + b"}", headers=JSON
+        )
+        clash = await svc.http.post(
+            "/transaction", content=b'{"id": "tx-p", "amount": ' + second + b"}", headers=JSON
+        )
+        assert ok.status_code == 200
+        assert_problem(clash, 409, "idempotency-conflict")
+        stored = await svc.storage.get("tx-p")
+        assert stored is not None
+        assert str(stored.request["amount"]) == first.decode().removesuffix(".0")
+
+
+async def test_a_decimal_amount_is_stored_as_its_canonical_decimal_string() -> None:
+    async with running() as svc:
+        await svc.http.post("/transaction", content=b'{"id":"tx-d","amount":100.50}', headers=JSON)
+        again = await svc.http.post("/transaction", json={"id": "tx-d", "amount": "100.5"})
+        stored = await svc.storage.get("tx-d")
+        assert stored is not None
+        assert stored.request == {"id": "tx-d", "amount": "100.5"}
+        assert again.status_code == 200  # the number and its canonical string are one payload
 
 
 async def test_signed_webhooks_settle_and_bad_ones_are_refused_before_parsing() -> None:

@@ -3,7 +3,11 @@
 Hypothesis interleaves submits (concurrent and late duplicates), partner fates (answer, pending,
 504 then late landing or drop, our timeout, reset after sending, not sent, refused, 429),
 webhooks (present, missing, duplicated, early, late), the passage of time, unknown webhooks and
-crash + restart of the client on the same storage. Invariants hold after every step; at the end
+crash + restart of the client on the same storage. Time is hostile: a process may stall for any
+time between committing ``submitting`` and sending, POSTs spend up to ``connect_timeout`` in
+transit, check answers arrive up to 40 s after the partner looked, the partner may answer 404
+while its record is ``pending``, and a second instance whose clock is up to
+``max_clock_skew`` apart works on the same storage. Invariants hold after every step; at the end
 everything must be final, equal to the partner's truth, and notified once.
 """
 
@@ -31,23 +35,35 @@ from hypothesis.stateful import (
 from resilient_payout import (
     CallbackNotifier,
     IdempotencyConflict,
+    LocalCheckBudget,
     LoopClock,
     PartnerStatus,
+    Payout,
     PayoutClient,
     PayoutStatus,
     Policy,
     UnknownPayout,
 )
 from resilient_payout.storage.memory import MemoryStorage
-from resilient_payout.testing import FakePartner, Fate, Script, new_virtual_time_loop
+from resilient_payout.testing import (
+    FakePartner,
+    Fate,
+    Script,
+    SkewedClock,
+    StallingStorage,
+    new_virtual_time_loop,
+)
 
 T = TypeVar("T")
 S = PayoutStatus
 # Fewer idle wake-ups keep each example cheap; the logic is the same at any poll interval.
 POLICY = Policy(poll_interval=5.0)
+MAX_STALL = 200.0
+MAX_CHECK_DELAY = 40.0
 # Worst case from the partner's last event to our final status: an orphaned submit is noticed at
 # submit_deadline, its checks run to the window's end, the confirming check follows, a lease held
-# by a crashed process must expire, and background work wakes every poll_interval.
+# by a crashed process must expire, and background work wakes every poll_interval; a stall before
+# sending, late check answers and a clock apart add their own.
 SLACK = (
     POLICY.submit_deadline
     + POLICY.late_arrival_window
@@ -55,6 +71,9 @@ SLACK = (
     + 2 * POLICY.check_interval
     + POLICY.lease
     + 3 * POLICY.poll_interval
+    + MAX_STALL
+    + 3 * MAX_CHECK_DELAY
+    + POLICY.max_clock_skew
 )
 EXAMPLES = int(os.environ.get("RP_STATEFUL_EXAMPLES", "200" if os.environ.get("CI") else "60"))
 
@@ -68,8 +87,10 @@ scripts = st.builds(
     webhook_delay=st.floats(0.0, 30.0),
     duplicate_webhook=st.booleans(),
     land_after=st.floats(30.0, 120.0),
-    final_delay=st.floats(1.0, 100.0),
+    final_delay=st.floats(1.0, 300.0),
+    flaky_404=st.booleans(),
 )
+stalls = st.sampled_from([0.0, 0.0, 0.0, 3.0, 40.0, MAX_STALL])
 
 
 class _Host:
@@ -100,6 +121,9 @@ class PayoutLifecycle(RuleBasedStateMachine):
         super().__init__()
         self.loop = new_virtual_time_loop()
         self.storage = MemoryStorage()
+        self.stall_plan: dict[str, list[float]] = {}
+        self.budget = LocalCheckBudget(POLICY.check_rate, POLICY.check_burst)
+        self.second: _Host | None = None
         self.scripts: dict[str, list[Script]] = {}
         self.partner = FakePartner(script=self._script)
         self.partner.webhook_sink = self._webhook_sink
@@ -131,14 +155,25 @@ class PayoutLifecycle(RuleBasedStateMachine):
     async def _push(self, payout_id: str, status: S) -> None:
         self.pushes[payout_id].append(status)
 
-    def _start_client(self) -> None:
-        self.client = PayoutClient(
-            storage=self.storage,
+    def _stall(self, payout: Payout) -> float:
+        """The drawn stall of this payout's next submitting write (each is used once)."""
+        plan = self.stall_plan.get(payout.id)
+        return plan.pop(0) if plan else 0.0
+
+    def _new_client(self, **kw: Any) -> PayoutClient:
+        return PayoutClient(
+            storage=StallingStorage(self.storage, self._stall),  # type: ignore[arg-type]
             partner=self.partner,
             webhook_url="http://service/webhook",
             notifier=CallbackNotifier(self._push),
             policy=POLICY,
+            budget=self.budget,  # one budget for both instances, as a shared one would be
+            close_storage=False,
+            **kw,
         )
+
+    def _start_client(self) -> None:
+        self.client = self._new_client()
         self.client_host = _Host(self.loop, self.client)
 
     def _now(self) -> float:
@@ -152,11 +187,13 @@ class PayoutLifecycle(RuleBasedStateMachine):
         second=scripts,
         copies=st.integers(1, 4),
         amount=st.integers(1, 1000),
+        stall=stalls,
     )
-    def submit(self, first: Script, second: Script, copies: int, amount: int) -> str:
+    def submit(self, first: Script, second: Script, copies: int, amount: int, stall: float) -> str:
         self.counter += 1
         pid = f"p{self.counter}"
         self.scripts[pid] = [first, second]
+        self.stall_plan[pid] = [stall]
         payload = {"id": pid, "amount": amount}
         self.payloads[pid] = payload
         client = self.client
@@ -189,6 +226,22 @@ class PayoutLifecycle(RuleBasedStateMachine):
     @rule(dt=st.floats(0.1, 200.0))
     def wait(self, dt: float) -> None:
         self.run(asyncio.sleep(dt))
+
+    @rule(
+        send_delay=st.floats(0.0, POLICY.connect_timeout),
+        check_delay=st.sampled_from([0.0, 5.0, MAX_CHECK_DELAY]),
+    )
+    def hostile_network(self, send_delay: float, check_delay: float) -> None:
+        self.partner.send_delay = send_delay
+        self.partner.check_delay = check_delay
+
+    @precondition(lambda self: self.second is None)
+    @rule(offset=st.floats(-POLICY.max_clock_skew, POLICY.max_clock_skew))
+    def second_instance(self, offset: float) -> None:
+        """Another process on the same storage, its clock ``offset`` seconds apart."""
+        self.second = _Host(
+            self.loop, self._new_client(clock=SkewedClock(offset), instance_id="second")
+        )
 
     @rule(down_for=st.floats(0.0, 90.0))
     def crash_and_restart(self, down_for: float) -> None:
@@ -255,6 +308,8 @@ class PayoutLifecycle(RuleBasedStateMachine):
         finally:
             if self.client_host is not None:
                 self.client_host.kill(self.loop)
+            if self.second is not None:
+                self.second.kill(self.loop)
             self.partner_host.kill(self.loop)
             self.loop.close()
 

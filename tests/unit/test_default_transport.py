@@ -46,7 +46,13 @@ pytestmark = pytest.mark.anyio
 
 HOOK = "http://us.test/webhooks/partner"
 # Timeouts short enough that provoking one costs a fraction of a second of real time.
-SHORT = Policy(connect_timeout=0.2, read_timeout=0.2, check_timeout=0.2, submit_deadline=5.0)
+SHORT = Policy(
+    connect_timeout=0.2,
+    read_timeout=0.2,
+    check_timeout=0.2,
+    submit_deadline=5.0,
+    max_clock_skew=1.0,
+)
 
 
 @pytest.fixture
@@ -372,7 +378,7 @@ async def test_submit_to_unusable_url_is_not_sent(base: str, error: str) -> None
 async def test_pool_wait_timeout_is_not_sent_and_never_reaches_the_server(
     server: RawServer,
 ) -> None:
-    policy = Policy(connect_timeout=0.2, read_timeout=2.0, submit_deadline=5.0)
+    policy = Policy(connect_timeout=0.2, read_timeout=2.0, submit_deadline=5.0, max_clock_skew=1.0)
     async with HttpPartner(server.base, policy=policy) as partner:
         partner._own = AiohttpClient(max_connections=1)  # the original was never opened
         server.script(server.hang())

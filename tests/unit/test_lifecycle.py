@@ -25,6 +25,7 @@ from resilient_payout import (
     Policy,
     RateLimited,
     Refused,
+    SendExpired,
     StatusChecked,
     SubmitNow,
     SubmitToPartner,
@@ -207,10 +208,11 @@ def test_pending_record_moves_unknown_to_awaiting() -> None:
     assert d.payout.answered_at == T0 + 60
 
 
-def test_awaiting_payout_that_vanishes_fails_without_resubmission() -> None:
+def test_awaiting_payout_that_vanishes_is_neither_failed_nor_resubmitted() -> None:
+    # The partner acknowledged it (pending): a 404 now is no proof that it never happened.
     p = decide(submitting(), PartnerAnswered(1, Accepted(PartnerStatus.PENDING)), T0 + 1, P).payout
     d = decide(p, StatusChecked(1, NotFound()), T0 + P.late_arrival_window + 1, P)
-    assert d.payout.status is S.FAILED
+    assert d.payout.status is S.AWAITING
     assert not any(isinstance(e, SubmitToPartner) for e in d.effects)
 
 
@@ -340,3 +342,68 @@ def test_policy_scaled_shrinks_durations_and_raises_rates() -> None:
         Policy(submit_deadline=1.0)
     with pytest.raises(ValueError, match="factor"):
         P.scaled(0)
+
+
+# -- hostile time (docs/concepts.md, "Timing assumptions") -----------------------------------
+
+
+def _submitting(at: float = T0) -> Payout:
+    p = Payout.new(PayoutRequest(id="t1"), at, next_check_at=at)
+    return decide(p, SubmitNow(), at, P).payout
+
+
+def test_an_attempt_older_than_the_send_limit_is_not_sent_but_decided_again() -> None:
+    p = _submitting()
+    limit = P.max_send_delay - P.connect_timeout
+    assert decide(p, SendExpired(1), T0 + limit, P).payout is p  # still in time: no change
+    late = decide(p, SendExpired(1), T0 + limit + 0.1, P)
+    assert late.payout.status is S.RECEIVED
+    assert late.payout.audit[-1].event == "send_expired"
+    assert late.payout.send_failures == 1
+    assert late.effects == ()
+    assert decide(p, SendExpired(2), T0 + 100, P).payout is p  # another attempt's: ignored
+
+
+def _unknown() -> Payout:
+    p = _submitting()
+    return decide(p, PartnerAnswered(1, Uncertain("HTTP 504")), T0 + 30, P).payout
+
+
+def test_a_404_is_judged_by_when_its_get_was_sent() -> None:
+    p = _unknown()
+    end = T0 + P.late_arrival_window
+    sent_before = decide(p, StatusChecked(1, NotFound(), sent_at=end - 1), end + 30, P)
+    assert sent_before.payout.status is S.UNKNOWN
+    assert sent_before.effects == ()
+    sent_after = decide(p, StatusChecked(1, NotFound(), sent_at=end), end + 30, P)
+    assert sent_after.payout.status is S.SUBMITTING  # absence confirmed: attempt 2
+    assert sent_after.effects == (SubmitToPartner(2),)
+
+
+def test_a_404_after_pending_is_flagged_once_and_never_fails_the_payout() -> None:
+    p = decide(_submitting(), PartnerAnswered(1, Accepted(PartnerStatus.PENDING)), T0 + 5, P)
+    awaiting = p.payout
+    late = T0 + P.late_arrival_window + 100
+    first = decide(awaiting, StatusChecked(1, NotFound(), sent_at=late), late, P)
+    assert first.payout.status is S.AWAITING
+    assert first.payout.audit[-1].event == "not_found_after_pending"
+    assert first.payout.audit[-1].conflict
+    assert [type(e) for e in first.effects] == [ConflictDetected]
+    assert first.payout.next_check_at is not None
+    second = decide(first.payout, StatusChecked(1, NotFound(), sent_at=late + 60), late + 60, P)
+    assert second.payout.status is S.AWAITING
+    assert len(second.payout.audit) == len(first.payout.audit)  # flagged once
+    assert second.effects == ()
+
+
+@pytest.mark.parametrize("retry_after", [31_536_000.0, float("inf"), float("nan")])
+def test_retry_after_is_capped(retry_after: float) -> None:
+    p = _submitting()
+    d = decide(p, PartnerAnswered(1, RateLimited(retry_after)), T0 + 1, P)
+    assert d.payout.status is S.RECEIVED
+    assert d.payout.next_check_at is not None
+    assert d.payout.next_check_at <= T0 + 1 + P.max_retry_after
+    u = _unknown()
+    c = decide(u, StatusChecked(1, RateLimited(retry_after)), T0 + 40, P)
+    assert c.payout.next_check_at is not None
+    assert c.payout.next_check_at <= T0 + 40 + P.max_retry_after

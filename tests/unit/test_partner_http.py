@@ -458,6 +458,34 @@ async def test_check_404_is_not_found(partner: HttpPartner, respx_mock: respx.Mo
     assert await partner.check("p1") == NotFound()
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"<html><body><h1>404 Not Found</h1><hr>nginx</body></html>", "text/html"),
+        (b"Not Found", "text/plain"),
+    ],
+)
+async def test_check_404_page_of_a_gateway_is_no_proof_of_absence(
+    partner: HttpPartner, respx_mock: respx.MockRouter, body: bytes, content_type: str
+) -> None:
+    respx_mock.get(f"{BASE}/transaction/p1").respond(
+        404, content=body, headers={"content-type": content_type}
+    )
+
+    outcome = await partner.check("p1")
+
+    assert isinstance(outcome, CheckFailed)
+    assert "404" in outcome.reason
+
+
+async def test_check_404_with_an_empty_body_is_not_found(
+    partner: HttpPartner, respx_mock: respx.MockRouter
+) -> None:
+    respx_mock.get(f"{BASE}/transaction/p1").respond(404)
+
+    assert await partner.check("p1") == NotFound()
+
+
 async def test_check_quotes_the_id(partner: HttpPartner, respx_mock: respx.MockRouter) -> None:
     route = respx_mock.route(method="GET").respond(404)
 

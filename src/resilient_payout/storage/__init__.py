@@ -12,21 +12,51 @@ URL                       backend                                     extra
 
 from __future__ import annotations
 
-from ._base import Storage
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Storage", "storage_from_url"]
+from .._errors import ConfigurationError
+from ._base import Storage
+from .memory import MemoryStorage
+from .sqlite import SQLiteStorage
+
+if TYPE_CHECKING:
+    from .postgres import PostgresStorage
+    from .redis import RedisStorage
+
+__all__ = [
+    "MemoryStorage",
+    "PostgresStorage",
+    "RedisStorage",
+    "SQLiteStorage",
+    "Storage",
+    "storage_from_url",
+]
+
+# Their drivers are optional extras: imported on first use, never by ``import ...storage``.
+_LAZY = {"PostgresStorage": ".postgres", "RedisStorage": ".redis"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def storage_from_url(url: str) -> Storage:
-    """Build a (not yet opened) storage backend from a URL; see the table above."""
+    """Build a (not yet opened) storage backend from a URL; see the table above.
+
+    An unsupported scheme is a :class:`~resilient_payout.ConfigurationError` (a ``ValueError``).
+    """
     scheme = url.split(":", 1)[0].lower()
     if scheme == "memory":
-        from .memory import MemoryStorage
-
         return MemoryStorage()
     if scheme == "sqlite":
-        from .sqlite import SQLiteStorage
-
         return SQLiteStorage.from_url(url)
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStorage
@@ -37,4 +67,4 @@ def storage_from_url(url: str) -> Storage:
 
         return RedisStorage.from_url(url)
     # The scheme only: a URL may carry a password.
-    raise ValueError(f"unsupported storage URL scheme {scheme!r}")
+    raise ConfigurationError(f"unsupported storage URL scheme {scheme!r}")

@@ -69,17 +69,35 @@ class Storage(Protocol):
     async def claim_outbox(
         self, now: float, *, owner: str, lease_seconds: float, limit: int
     ) -> list[OutboxEntry]:
-        """Claim up to ``limit`` undelivered entries with ``next_attempt_at <= now``, leased as
-        in :meth:`claim_due` (a claimed entry's ``next_attempt_at`` moves to the lease's end, so
-        a dead claimer's entry comes back by itself)."""
+        """Claim up to ``limit`` undelivered, not dead entries with ``next_attempt_at <= now``,
+        leased as in :meth:`claim_due` (a claimed entry's ``next_attempt_at`` moves to the
+        lease's end, so a dead claimer's entry comes back by itself)."""
         ...
 
     async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
-        """Mark the entry delivered. Idempotent."""
+        """Mark the entry delivered, also a dead one (the app has it). Idempotent."""
         ...
 
     async def retry_outbox(self, payout_id: str, *, next_attempt_at: float, error: str) -> None:
-        """Count a failed delivery round and schedule the next one; releases the lease."""
+        """Count a failed delivery round and schedule the next one; releases the lease.
+
+        Does nothing to a delivered, dead or unknown entry."""
+        ...
+
+    async def dead_letter_outbox(self, payout_id: str, *, at: float, error: str) -> None:
+        """Count a failed delivery round as :meth:`retry_outbox` does, then give up: sets
+        ``dead_at`` and releases the lease. A dead entry is never claimed again until
+        :meth:`requeue_outbox`. Does nothing to a delivered, dead or unknown entry."""
+        ...
+
+    async def requeue_outbox(self, payout_id: str, *, next_attempt_at: float) -> bool:
+        """Make the entry claimable again at ``next_attempt_at`` (an operator's decision): clears
+        ``dead_at`` and ``delivered_at`` and releases the lease; ``attempts`` and
+        ``last_error`` stay as history. False if the payout has no entry."""
+        ...
+
+    async def count_dead_outbox(self) -> int:
+        """How many entries are dead-lettered (for metrics and alerts)."""
         ...
 
     async def get_outbox(self, payout_id: str) -> OutboxEntry | None:

@@ -108,6 +108,7 @@ class MemoryStorage:
         """Claimed payouts: owner and lease end. Dropped by the next compare-and-set."""
         self._counts: Counter[PayoutStatus] = Counter()
         self._outbox: dict[str, OutboxEntry] = {}
+        self._dead: set[str] = set()
         size = self._payouts.__len__
         # Three views of the due payouts: every one (for next_due_at), the claimable candidates
         # (a claim moves its payouts out), and the leased ones by lease end (an expired lease
@@ -140,13 +141,13 @@ class MemoryStorage:
 
     def _outbox_key(self, payout_id: str) -> float | None:
         e = self._outbox.get(payout_id)
-        if e is None or e.delivered_at is not None:
+        if e is None or e.delivered_at is not None or e.dead_at is not None:
             return None
         return e.next_attempt_at
 
     def _live_outbox(self) -> Iterable[tuple[float, str]]:
         for pid, e in self._outbox.items():
-            if e.delivered_at is None:
+            if e.delivered_at is None and e.dead_at is None:
                 yield e.next_attempt_at, pid
 
     @staticmethod
@@ -204,6 +205,8 @@ class MemoryStorage:
         if outbox is not None and outbox.payout_id not in self._outbox:
             self._outbox[outbox.payout_id] = outbox
             self._outbox_due.push(self._outbox_key(outbox.payout_id), outbox.payout_id)
+            if outbox.dead_at is not None:
+                self._dead.add(outbox.payout_id)
         return self._out(stored)
 
     async def claim_due(
@@ -260,17 +263,43 @@ class MemoryStorage:
         await checkpoint()
         e = self._outbox.get(payout_id)
         if e is not None and e.delivered_at is None:
-            self._outbox[payout_id] = replace(e, delivered_at=delivered_at)
+            self._outbox[payout_id] = replace(e, delivered_at=delivered_at, dead_at=None)
+            self._dead.discard(payout_id)
 
     async def retry_outbox(self, payout_id: str, *, next_attempt_at: float, error: str) -> None:
         await checkpoint()
         e = self._outbox.get(payout_id)
-        if e is None or e.delivered_at is not None:
+        if e is None or e.delivered_at is not None or e.dead_at is not None:
             return
         self._outbox[payout_id] = replace(
             e, attempts=e.attempts + 1, next_attempt_at=next_attempt_at, last_error=error
         )
         self._outbox_due.push(next_attempt_at, payout_id)
+
+    async def dead_letter_outbox(self, payout_id: str, *, at: float, error: str) -> None:
+        await checkpoint()
+        e = self._outbox.get(payout_id)
+        if e is None or e.delivered_at is not None or e.dead_at is not None:
+            return
+        # Its heap entry goes stale (the key is None now) and is dropped when it surfaces.
+        self._outbox[payout_id] = replace(e, attempts=e.attempts + 1, last_error=error, dead_at=at)
+        self._dead.add(payout_id)
+
+    async def requeue_outbox(self, payout_id: str, *, next_attempt_at: float) -> bool:
+        await checkpoint()
+        e = self._outbox.get(payout_id)
+        if e is None:
+            return False
+        self._outbox[payout_id] = replace(
+            e, next_attempt_at=next_attempt_at, delivered_at=None, dead_at=None
+        )
+        self._dead.discard(payout_id)
+        self._outbox_due.push(next_attempt_at, payout_id)
+        return True
+
+    async def count_dead_outbox(self) -> int:
+        await checkpoint()
+        return len(self._dead)
 
     async def get_outbox(self, payout_id: str) -> OutboxEntry | None:
         await checkpoint()

@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import anyio
 import asyncpg
 
-from .._errors import StorageError, StorageUnavailable
+from .._errors import ConfigurationError, StorageError, StorageUnavailable
 from .._model import OutboxEntry, Payout, PayoutStatus
 from .._urls import redact_url as _redacted
 
@@ -83,6 +83,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX outbox_due ON {{s}}.outbox (next_attempt_at, payout_id)
         WHERE delivered_at IS NULL;
     """,
+    # 2: dead-lettered entries leave the claimable index; a small index counts them. Adding a
+    # nullable column without a default rewrites nothing, so this is quick on a big table.
+    """
+    ALTER TABLE {s}.outbox ADD COLUMN dead_at double precision;
+    DROP INDEX {s}.outbox_due;
+    CREATE INDEX outbox_due ON {s}.outbox (next_attempt_at, payout_id)
+        WHERE delivered_at IS NULL AND dead_at IS NULL;
+    CREATE INDEX outbox_dead ON {s}.outbox (payout_id) WHERE dead_at IS NOT NULL;
+    """,
 )
 """The schema, step by step: step ``i`` (1-based) takes the schema from version ``i - 1`` to
 ``i``. Only ever append; ``{s}`` is the quoted schema name."""
@@ -128,8 +137,9 @@ WITH changed AS (
     RETURNING id, version
 ), queued AS (
     INSERT INTO {s}.outbox
-        (payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error)
-    SELECT id, $6::text, $7::float8, $8::float8, $9::integer, $10::float8, $11::text
+        (payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error,
+         dead_at)
+    SELECT id, $6::text, $7::float8, $8::float8, $9::integer, $10::float8, $11::text, $12::float8
     FROM changed
     ON CONFLICT (payout_id) DO NOTHING
 )
@@ -161,7 +171,7 @@ WHERE next_check_at IS NOT NULL AND status NOT IN ({_FINAL_SQL})
 """  # noqa: S608 -- constants and placeholders only
 
 _OUTBOX_COLUMNS = (
-    "payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error"
+    "payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error, dead_at"
 )
 _OUTBOX_RETURNING = ", ".join(f"o.{c}" for c in _OUTBOX_COLUMNS.split(", "))
 
@@ -169,7 +179,7 @@ _OUTBOX_RETURNING = ", ".join(f"o.{c}" for c in _OUTBOX_COLUMNS.split(", "))
 _CLAIM_OUTBOX = f"""
 WITH due AS MATERIALIZED (
     SELECT payout_id FROM {{s}}.outbox
-    WHERE delivered_at IS NULL AND next_attempt_at <= $3
+    WHERE delivered_at IS NULL AND dead_at IS NULL AND next_attempt_at <= $3
       AND (lease_until IS NULL OR lease_until <= $3)
     ORDER BY next_attempt_at, payout_id
     LIMIT $4
@@ -185,7 +195,7 @@ RETURNING {_OUTBOX_RETURNING}
 _GET_OUTBOX = f"SELECT {_OUTBOX_COLUMNS} FROM {{s}}.outbox WHERE payout_id = $1"  # noqa: S608
 
 _ACK_OUTBOX = """
-UPDATE {s}.outbox SET delivered_at = $2, lease_owner = NULL, lease_until = NULL
+UPDATE {s}.outbox SET delivered_at = $2, dead_at = NULL, lease_owner = NULL, lease_until = NULL
 WHERE payout_id = $1 AND delivered_at IS NULL
 """
 
@@ -193,8 +203,24 @@ _RETRY_OUTBOX = """
 UPDATE {s}.outbox
 SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3,
     lease_owner = NULL, lease_until = NULL
-WHERE payout_id = $1 AND delivered_at IS NULL
+WHERE payout_id = $1 AND delivered_at IS NULL AND dead_at IS NULL
 """
+
+_DEAD_LETTER_OUTBOX = """
+UPDATE {s}.outbox
+SET attempts = attempts + 1, dead_at = $2, last_error = $3, lease_owner = NULL, lease_until = NULL
+WHERE payout_id = $1 AND delivered_at IS NULL AND dead_at IS NULL
+"""
+
+_REQUEUE_OUTBOX = """
+UPDATE {s}.outbox
+SET next_attempt_at = $2, dead_at = NULL, delivered_at = NULL,
+    lease_owner = NULL, lease_until = NULL
+WHERE payout_id = $1
+RETURNING 1
+"""
+
+_COUNT_DEAD = "SELECT count(*) FROM {s}.outbox WHERE dead_at IS NOT NULL"
 
 _COUNT = "SELECT status, count(*) FROM {s}.payouts GROUP BY status"
 
@@ -233,7 +259,9 @@ def _decode(version: int, doc: str) -> Payout:
 
 
 def _outbox_from_row(row: asyncpg.Record) -> OutboxEntry:
-    payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error = tuple(row)
+    (payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error, dead) = (
+        tuple(row)
+    )
     return OutboxEntry(
         payout_id=payout_id,
         status=PayoutStatus(status),
@@ -242,6 +270,7 @@ def _outbox_from_row(row: asyncpg.Record) -> OutboxEntry:
         attempts=attempts,
         delivered_at=delivered_at,
         last_error=last_error,
+        dead_at=dead,
     )
 
 
@@ -269,8 +298,9 @@ class PostgresStorage:
     ``dsn`` is anything asyncpg accepts (``postgresql://user:pw@host:5432/db?sslmode=require``).
     All tables live in ``schema`` (created if missing), so several deployments can share a
     database. Each object keeps a pool of ``pool_min`` to ``pool_max`` connections; concurrent
-    operations of one object run on separate connections. ``connect_timeout`` bounds each
-    connection attempt and ``command_timeout`` each statement; either running out raises
+    operations of one object run on separate connections. ``pool_timeout`` bounds the wait for
+    a free one (None: forever), ``connect_timeout`` each connection attempt and
+    ``command_timeout`` each statement; any of them running out raises
     :class:`~resilient_payout.StorageUnavailable`, as does an unreachable or restarting server.
     """
 
@@ -283,6 +313,7 @@ class PostgresStorage:
         pool_max: int = 10,
         connect_timeout: float = 10.0,
         command_timeout: float | None = 30.0,
+        pool_timeout: float | None = 10.0,
     ) -> None:
         if not _SCHEMA_NAME.match(schema):
             raise ValueError(
@@ -290,12 +321,15 @@ class PostgresStorage:
             )
         if not 0 <= pool_min <= pool_max or pool_max < 1:
             raise ValueError("need 0 <= pool_min <= pool_max and pool_max >= 1")
+        if pool_timeout is not None and not pool_timeout > 0:
+            raise ConfigurationError("PostgreSQL pool_timeout must be a positive number of seconds")
         self._dsn = dsn
         self._schema = schema
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
+        self._pool_timeout = pool_timeout
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._lock = anyio.Lock()
         q = f'"{schema}"'  # validated above: nothing to escape
@@ -312,6 +346,9 @@ class PostgresStorage:
                 "get_outbox": _GET_OUTBOX,
                 "ack_outbox": _ACK_OUTBOX,
                 "retry_outbox": _RETRY_OUTBOX,
+                "dead_letter_outbox": _DEAD_LETTER_OUTBOX,
+                "requeue_outbox": _REQUEUE_OUTBOX,
+                "count_dead": _COUNT_DEAD,
                 "count": _COUNT,
                 "migrations_table": _MIGRATIONS_TABLE,
             }.items()
@@ -321,8 +358,8 @@ class PostgresStorage:
     @classmethod
     def from_url(cls, url: str) -> PostgresStorage:
         """``postgresql://`` or ``postgres://`` URLs; options ``?schema=``, ``?pool_min=``,
-        ``?pool_max=``. Other query parameters go to asyncpg (``sslmode``,
-        ``application_name``...)."""
+        ``?pool_max=``, ``?pool_timeout=SECONDS``. Other query parameters go to asyncpg
+        (``sslmode``, ``application_name``...)."""
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("postgresql", "postgres") or not parts.netloc:
             raise ValueError(
@@ -331,7 +368,7 @@ class PostgresStorage:
         ours: dict[str, str] = {}
         passed: list[tuple[str, str]] = []
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            if key in ("schema", "pool_min", "pool_max"):
+            if key in ("schema", "pool_min", "pool_max", "pool_timeout"):
                 ours[key] = value
             else:
                 passed.append((key, value))
@@ -341,11 +378,18 @@ class PostgresStorage:
             pool_max = int(ours.get("pool_max", max(10, pool_min)))
         except ValueError:
             raise ValueError(f"pool_min and pool_max must be integers in {url!r}") from None
+        try:
+            pool_timeout = float(ours.get("pool_timeout", 10.0))
+        except ValueError:
+            # The parameter only: the URL may carry a password.
+            msg = "PostgreSQL URL option pool_timeout must be a number"
+            raise ConfigurationError(msg) from None
         return cls(
             dsn,
             schema=ours.get("schema", "resilient_payout"),
             pool_min=pool_min,
             pool_max=pool_max,
+            pool_timeout=pool_timeout,
         )
 
     @property
@@ -372,8 +416,11 @@ class PostgresStorage:
                 )
             try:
                 with _translated():
-                    async with pool.acquire() as conn:
+                    conn = await self._acquire(pool)
+                    try:
                         await self._migrate(conn)
+                    finally:
+                        await pool.release(conn)
             except BaseException:
                 pool.terminate()
                 raise
@@ -389,8 +436,11 @@ class PostgresStorage:
         async with self._lock:
             if self._pool is not None:
                 with _translated():
-                    async with self._pool.acquire() as conn:
+                    conn = await self._acquire(self._pool)
+                    try:
                         return await self._migrate(conn)
+                    finally:
+                        await self._pool.release(conn)
         with _translated():
             single = await asyncpg.connect(
                 self._dsn, timeout=self._connect_timeout, command_timeout=self._command_timeout
@@ -472,13 +522,34 @@ class PostgresStorage:
         for last_try in (False, True):
             try:
                 with _translated():
-                    return await pool.fetch(self._sql[name], *args)
+                    conn = await self._acquire(pool)
+                    try:
+                        return await conn.fetch(self._sql[name], *args)
+                    finally:
+                        await pool.release(conn)
             except StorageUnavailable as exc:
                 if last_try or not isinstance(exc.__cause__, _CONNECTION_LOST):
                     raise
                 # One dead connection means the rest of the pool likely died with it.
                 await pool.expire_connections()
         raise AssertionError("unreachable")
+
+    async def _acquire(
+        self, pool: asyncpg.Pool[asyncpg.Record]
+    ) -> asyncpg.pool.PoolConnectionProxy[asyncpg.Record]:
+        """A pooled connection, waiting at most ``pool_timeout`` for one to be free."""
+        try:
+            return await pool.acquire(timeout=self._pool_timeout)
+        except TimeoutError as exc:
+            # Say which wait ran out: the server may be fine while this process has more
+            # operations in flight than pool_max (or holds connections too long).
+            waited = f"pool_timeout={self._pool_timeout}s"
+            if pool.get_size() >= self._pool_max and pool.get_idle_size() == 0:
+                why = f"all {self._pool_max} connections stayed busy for {waited}"
+                raise StorageUnavailable(f"PostgreSQL: connection pool exhausted: {why}") from exc
+            raise StorageUnavailable(
+                f"PostgreSQL: no pooled connection within {waited} (opening one took too long)"
+            ) from exc
 
     # -- the contract -------------------------------------------------------------------------
 
@@ -514,6 +585,7 @@ class PostgresStorage:
                 outbox.attempts,
                 outbox.delivered_at,
                 outbox.last_error,
+                outbox.dead_at,
             )
         return _decode(rows[0][0], doc) if rows else None
 
@@ -546,6 +618,16 @@ class PostgresStorage:
 
     async def retry_outbox(self, payout_id: str, *, next_attempt_at: float, error: str) -> None:
         await self._fetch("retry_outbox", payout_id, next_attempt_at, error)
+
+    async def dead_letter_outbox(self, payout_id: str, *, at: float, error: str) -> None:
+        await self._fetch("dead_letter_outbox", payout_id, at, error)
+
+    async def requeue_outbox(self, payout_id: str, *, next_attempt_at: float) -> bool:
+        return bool(await self._fetch("requeue_outbox", payout_id, next_attempt_at))
+
+    async def count_dead_outbox(self) -> int:
+        rows = await self._fetch("count_dead")
+        return int(rows[0][0])
 
     async def get_outbox(self, payout_id: str) -> OutboxEntry | None:
         rows = await self._fetch("get_outbox", payout_id)

@@ -8,7 +8,9 @@ or newer (``ZRANGE ... BYSCORE``).
 Keys, all under ``prefix``: a hash per payout (``p:<id>``: version, JSON document, status,
 lease) and per outbox entry (``o:<id>``), sorted sets of due payouts (``idx:due``; split into
 ``idx:ready`` and ``idx:leased`` so a claim never rescans payouts in flight), of undelivered
-entries (``idx:outbox``), and a hash of counts per status (``counts``). Scripts also touch keys
+entries (``idx:outbox``) and dead-lettered ones (``idx:dead``), and a hash of counts per status
+(``counts``). Keys written before dead-lettering existed need no change: an entry without a
+``dead_at`` field is alive, and a missing ``idx:dead`` counts zero. Scripts also touch keys
 they compute from the prefix; on Redis Cluster put a hash tag in it (``{rp}:``) so every key
 lands in one slot.
 
@@ -18,8 +20,10 @@ repeated compare-and-set finds the version moved on (a lost race: the caller re-
 repeated claim leaves the first claim's payouts leased until their lease ends.
 
 Durability is Redis's: with ``appendonly yes`` and the default ``appendfsync everysec``, a
-crash of the server can lose the last second of decisions; use ``appendfsync always`` where
-that matters.
+crash of the server can lose the last second of decisions, and a lost decision can mean a
+second payment (see docs/storage.md, "Durability and money"). :meth:`RedisStorage.open` checks
+the server's settings and logs a warning unless they are ``appendonly yes`` and ``appendfsync
+always``.
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ if ARGV[7] == '1' and redis.call('EXISTS', KEYS[6]) == 0 then
              'attempts', ARGV[11])
   if ARGV[12] ~= '' then
     redis.call('HSET', KEYS[6], 'delivered_at', ARGV[12])
+  elseif ARGV[14] ~= '' then
+    redis.call('HSET', KEYS[6], 'dead_at', ARGV[14])
+    redis.call('ZADD', KEYS[8], ARGV[14], ARGV[1])
   else
     redis.call('ZADD', KEYS[7], ARGV[10], ARGV[1])
   end
@@ -144,8 +151,8 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE',
   redis.call('HSET', key, 'at', ARGV[3], 'lo', ARGV[2], 'lu', ARGV[3])
   redis.call('ZADD', KEYS[1], ARGV[3], id)
   local e = redis.call('HMGET', key, 'status', 'created_at', 'at', 'attempts',
-                       'delivered_at', 'error')
-  out[#out + 1] = {id, e[1], e[2], e[3], e[4], e[5], e[6]}
+                       'delivered_at', 'error', 'dead_at')
+  out[#out + 1] = {id, e[1], e[2], e[3], e[4], e[5], e[6], e[7]}
 end
 return out
 """
@@ -154,22 +161,61 @@ _ACK_OUTBOX = """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'delivered_at') == 1
 then return 0 end
 redis.call('HSET', KEYS[1], 'delivered_at', ARGV[2])
-redis.call('HDEL', KEYS[1], 'lo', 'lu')
+redis.call('HDEL', KEYS[1], 'lo', 'lu', 'dead_at')
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 """
 
-_RETRY_OUTBOX = """
+# Delivered or dead entries are left alone by a retry and by a dead-lettering.
+_LIVE_OUTBOX_ONLY = """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'delivered_at') == 1
+   or redis.call('HEXISTS', KEYS[1], 'dead_at') == 1
 then return 0 end
+"""
+
+_RETRY_OUTBOX = (
+    _LIVE_OUTBOX_ONLY
+    + """
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'at', ARGV[2], 'error', ARGV[3])
 redis.call('HDEL', KEYS[1], 'lo', 'lu')
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return 1
 """
+)
 
-_OUTBOX_FIELDS: Final = ("status", "created_at", "at", "attempts", "delivered_at", "error")
+# Out of idx:outbox (never claimed again), into idx:dead (counted).
+_DEAD_LETTER_OUTBOX = (
+    _LIVE_OUTBOX_ONLY
+    + """
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'dead_at', ARGV[2], 'error', ARGV[3])
+redis.call('HDEL', KEYS[1], 'lo', 'lu')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
+)
+
+_REQUEUE_OUTBOX = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[1], 'dead_at', 'delivered_at', 'lo', 'lu')
+redis.call('HSET', KEYS[1], 'at', ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
+_OUTBOX_FIELDS: Final = (
+    "status",
+    "created_at",
+    "at",
+    "attempts",
+    "delivered_at",
+    "error",
+    "dead_at",
+)
 
 
 def _num(value: float) -> str:
@@ -190,7 +236,7 @@ def _decode(version: Any, doc: str | bytes) -> Payout:
 
 
 def _outbox(payout_id: str, fields: list[Any]) -> OutboxEntry:
-    status, created_at, at, attempts, delivered_at, error = fields
+    status, created_at, at, attempts, delivered_at, error, dead_at = fields
     return OutboxEntry(
         payout_id=payout_id,
         status=PayoutStatus(status),
@@ -199,6 +245,7 @@ def _outbox(payout_id: str, fields: list[Any]) -> OutboxEntry:
         attempts=int(attempts),
         delivered_at=None if delivered_at is None else float(delivered_at),
         last_error=error,
+        dead_at=None if dead_at is None else float(dead_at),
     )
 
 
@@ -266,6 +313,7 @@ class RedisStorage:
         self._ready = prefix + "idx:ready"
         self._leased = prefix + "idx:leased"
         self._outbox_due = prefix + "idx:outbox"
+        self._outbox_dead = prefix + "idx:dead"
         self._counts = prefix + "counts"
 
     @classmethod
@@ -309,6 +357,7 @@ class RedisStorage:
             try:
                 with _translated():
                     await client.ping()
+                    await self._check_durability(client)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await client.aclose()
@@ -322,9 +371,41 @@ class RedisStorage:
                     "claim_outbox": _CLAIM_OUTBOX,
                     "ack_outbox": _ACK_OUTBOX,
                     "retry_outbox": _RETRY_OUTBOX,
+                    "dead_letter_outbox": _DEAD_LETTER_OUTBOX,
+                    "requeue_outbox": _REQUEUE_OUTBOX,
                 }.items()
             }
             self._redis = client
+
+    async def _check_durability(self, client: aioredis.Redis) -> None:
+        """Log (once per open) whether the server keeps every acknowledged write on disk."""
+        try:
+            found = await client.config_get("append*")  # one pattern: Redis 6.2 takes only one
+        except rex.ResponseError as exc:  # CONFIG renamed or refused (managed Redis, ACLs)
+            found, reason = {}, f"CONFIG GET refused: {exc}"
+        else:
+            reason = "CONFIG GET did not return appendonly and appendfsync"
+        appendonly, appendfsync = found.get("appendonly"), found.get("appendfsync")
+        if appendonly is None or appendfsync is None:
+            log.info(
+                "Redis %s: durability could not be verified (%s); make sure it runs with "
+                "appendonly yes and appendfsync always",
+                _redacted(self._url),
+                reason,
+            )
+            return
+        if (appendonly.lower(), appendfsync.lower()) != ("yes", "always"):
+            log.warning(
+                "Redis %s runs with appendonly %s, appendfsync %s: a restart or failover can roll "
+                "recent decisions back, so a payout already being submitted can return to "
+                "'received' and be POSTed to the partner again (a second payment), and a "
+                "delivered outcome can return to undelivered and be pushed to the app again. "
+                "Use appendonly yes and appendfsync always (docs/storage.md, Durability and "
+                "money)",
+                _redacted(self._url),
+                appendonly,
+                appendfsync,
+            )
 
     async def close(self) -> None:
         async with self._lock:
@@ -379,7 +460,7 @@ class RedisStorage:
             "1" if payout.is_final else "0",
         ]
         if outbox is None:
-            args += ["0", "", "", "", 0, "", ""]
+            args += ["0", "", "", "", 0, "", "", ""]
         else:
             args += [
                 "1",
@@ -390,6 +471,7 @@ class RedisStorage:
                 "" if outbox.delivered_at is None else _num(outbox.delivered_at),
                 # A leading "=" tells an empty error from no error.
                 "" if outbox.last_error is None else "=" + outbox.last_error,
+                "" if outbox.dead_at is None else _num(outbox.dead_at),
             ]
         keys = [
             self._payout_key(payout.id),
@@ -399,6 +481,7 @@ class RedisStorage:
             self._counts,
             self._outbox_key(payout.id),
             self._outbox_due,
+            self._outbox_dead,
         ]
         version = await self._run("cas", keys, args)
         return None if version is None or doc is None else _decode(version, doc)
@@ -438,7 +521,7 @@ class RedisStorage:
     async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
         await self._run(
             "ack_outbox",
-            [self._outbox_key(payout_id), self._outbox_due],
+            [self._outbox_key(payout_id), self._outbox_due, self._outbox_dead],
             [payout_id, _num(delivered_at)],
         )
 
@@ -448,6 +531,27 @@ class RedisStorage:
             [self._outbox_key(payout_id), self._outbox_due],
             [payout_id, _num(next_attempt_at), error],
         )
+
+    async def dead_letter_outbox(self, payout_id: str, *, at: float, error: str) -> None:
+        await self._run(
+            "dead_letter_outbox",
+            [self._outbox_key(payout_id), self._outbox_due, self._outbox_dead],
+            [payout_id, _num(at), error],
+        )
+
+    async def requeue_outbox(self, payout_id: str, *, next_attempt_at: float) -> bool:
+        done = await self._run(
+            "requeue_outbox",
+            [self._outbox_key(payout_id), self._outbox_due, self._outbox_dead],
+            [payout_id, _num(next_attempt_at)],
+        )
+        return bool(done)
+
+    async def count_dead_outbox(self) -> int:
+        client = self._conn()
+        with _translated():
+            n = await client.zcard(self._outbox_dead)
+        return int(n)
 
     async def get_outbox(self, payout_id: str) -> OutboxEntry | None:
         client = self._conn()

@@ -8,13 +8,24 @@ The database runs in WAL mode, so readers never wait for the writer; writers wai
 :class:`~resilient_payout.StorageUnavailable`. Only the standard library's ``sqlite3`` is used.
 
 The ``version`` column is authoritative; the JSON document beside it holds the rest of the
-record (without its version, which claims bump in SQL).
+record (without its version, which claims bump in SQL). The schema version is ``PRAGMA
+user_version``; :meth:`SQLiteStorage.open` applies the missing ``_MIGRATIONS`` under the
+write lock.
+
+Durability (``?synchronous=``, docs/storage.md): by default (``submitting``) every write that
+moves a payout into ``submitting`` commits with ``synchronous=FULL``, fsyncing the WAL (and so
+every earlier commit) before the POST that follows it, because a payout rolled back by a power
+loss from ``submitting`` to ``received`` would be POSTed to the partner again: a second payment.
+Other commits use ``NORMAL`` and are made durable by the next such fsync or the checkpoint
+thread; a power loss may roll those back, which repeats work but never a POST. ``full`` fsyncs
+every commit (also the app's request itself); ``normal`` none: only for data you can lose.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -26,43 +37,68 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import anyio.to_thread
 
-from .._errors import StorageError, StorageUnavailable
+from .._errors import ConfigurationError, StorageError, StorageUnavailable
 from .._model import OutboxEntry, Payout, PayoutStatus
 
 __all__ = ["SQLiteStorage"]
 
-_SCHEMA_VERSION = 1
+log = logging.getLogger("resilient_payout.storage")
 
-_SCHEMA = f"""
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS payouts (
-    id            TEXT PRIMARY KEY,
-    version       INTEGER NOT NULL,
-    status        TEXT NOT NULL,
-    next_check_at REAL,
-    lease_owner   TEXT,
-    lease_until   REAL,
-    doc           TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS payouts_due ON payouts (next_check_at, id, status, lease_until)
-    WHERE next_check_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS payouts_status ON payouts (status);
-CREATE TABLE IF NOT EXISTS outbox (
-    payout_id       TEXT PRIMARY KEY,
-    status          TEXT NOT NULL,
-    created_at      REAL NOT NULL,
-    next_attempt_at REAL NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    delivered_at    REAL,
-    last_error      TEXT,
-    lease_owner     TEXT,
-    lease_until     REAL
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, payout_id)
-    WHERE delivered_at IS NULL;
-PRAGMA user_version = {_SCHEMA_VERSION};
-COMMIT;
-"""
+# The schema, step by step: step ``i`` (1-based) takes a file from ``PRAGMA user_version``
+# ``i - 1`` to ``i``. Only ever append. Statements run one by one inside one BEGIN IMMEDIATE
+# transaction (executescript would commit it half-way).
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: the first release's schema (IF NOT EXISTS as it was then: it ran on every open).
+    (
+        """
+        CREATE TABLE IF NOT EXISTS payouts (
+            id            TEXT PRIMARY KEY,
+            version       INTEGER NOT NULL,
+            status        TEXT NOT NULL,
+            next_check_at REAL,
+            lease_owner   TEXT,
+            lease_until   REAL,
+            doc           TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE INDEX IF NOT EXISTS payouts_due ON payouts (next_check_at, id, status, lease_until)
+            WHERE next_check_at IS NOT NULL
+        """,
+        "CREATE INDEX IF NOT EXISTS payouts_status ON payouts (status)",
+        """
+        CREATE TABLE IF NOT EXISTS outbox (
+            payout_id       TEXT PRIMARY KEY,
+            status          TEXT NOT NULL,
+            created_at      REAL NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            delivered_at    REAL,
+            last_error      TEXT,
+            lease_owner     TEXT,
+            lease_until     REAL
+        )
+        """,
+        """
+        CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, payout_id)
+            WHERE delivered_at IS NULL
+        """,
+    ),
+    # 2: dead-lettered entries leave the claimable index; a small index counts them.
+    (
+        "ALTER TABLE outbox ADD COLUMN dead_at REAL",
+        "DROP INDEX outbox_due",
+        """
+        CREATE INDEX outbox_due ON outbox (next_attempt_at, payout_id)
+            WHERE delivered_at IS NULL AND dead_at IS NULL
+        """,
+        "CREATE INDEX outbox_dead ON outbox (payout_id) WHERE dead_at IS NOT NULL",
+    ),
+)
+
+_SCHEMA_VERSION = len(_MIGRATIONS)
+
+_SYNCHRONOUS = ("submitting", "full", "normal")
 
 _FINAL: tuple[str, ...] = tuple(s.value for s in PayoutStatus if s.is_final)
 _NOT_FINAL = "status NOT IN (" + ", ".join("?" * len(_FINAL)) + ")"
@@ -85,8 +121,8 @@ RETURNING version
 
 _INSERT_OUTBOX = """
 INSERT INTO outbox
-    (payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error)
-VALUES (?, ?, ?, ?, ?, ?, ?)
+    (payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error, dead_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (payout_id) DO NOTHING
 """
 
@@ -111,7 +147,7 @@ LIMIT 1
 """  # noqa: S608 -- only placeholders are interpolated
 
 _OUTBOX_COLUMNS = (
-    "payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error"
+    "payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error, dead_at"
 )
 
 # The lease end doubles as the next attempt, so a dead claimer's entry comes back by itself.
@@ -120,7 +156,7 @@ UPDATE outbox
 SET lease_owner = ?, lease_until = ?, next_attempt_at = ?
 WHERE payout_id IN (
     SELECT payout_id FROM outbox
-    WHERE delivered_at IS NULL AND next_attempt_at <= ?
+    WHERE delivered_at IS NULL AND dead_at IS NULL AND next_attempt_at <= ?
       AND (lease_until IS NULL OR lease_until <= ?)
     ORDER BY next_attempt_at, payout_id
     LIMIT ?
@@ -131,7 +167,7 @@ RETURNING {_OUTBOX_COLUMNS}
 _GET_OUTBOX = f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE payout_id = ?"  # noqa: S608
 
 _ACK_OUTBOX = """
-UPDATE outbox SET delivered_at = ?, lease_owner = NULL, lease_until = NULL
+UPDATE outbox SET delivered_at = ?, dead_at = NULL, lease_owner = NULL, lease_until = NULL
 WHERE payout_id = ? AND delivered_at IS NULL
 """
 
@@ -139,8 +175,23 @@ _RETRY_OUTBOX = """
 UPDATE outbox
 SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,
     lease_owner = NULL, lease_until = NULL
-WHERE payout_id = ? AND delivered_at IS NULL
+WHERE payout_id = ? AND delivered_at IS NULL AND dead_at IS NULL
 """
+
+_DEAD_LETTER_OUTBOX = """
+UPDATE outbox
+SET attempts = attempts + 1, dead_at = ?, last_error = ?, lease_owner = NULL, lease_until = NULL
+WHERE payout_id = ? AND delivered_at IS NULL AND dead_at IS NULL
+"""
+
+_REQUEUE_OUTBOX = """
+UPDATE outbox
+SET next_attempt_at = ?, dead_at = NULL, delivered_at = NULL, lease_owner = NULL, lease_until = NULL
+WHERE payout_id = ?
+RETURNING 1
+"""
+
+_COUNT_DEAD = "SELECT COUNT(*) FROM outbox WHERE dead_at IS NOT NULL"
 
 _COUNT = "SELECT status, COUNT(*) FROM payouts GROUP BY status"
 
@@ -170,7 +221,7 @@ def _decode(version: int, doc: str) -> Payout:
 
 
 def _outbox_from_row(row: Sequence[Any]) -> OutboxEntry:
-    payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error = row
+    payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error, dead = row
     return OutboxEntry(
         payout_id=payout_id,
         status=PayoutStatus(status),
@@ -179,6 +230,7 @@ def _outbox_from_row(row: Sequence[Any]) -> OutboxEntry:
         attempts=attempts,
         delivered_at=delivered_at,
         last_error=last_error,
+        dead_at=dead,
     )
 
 
@@ -208,8 +260,9 @@ _MAX_BACKOFF = 0.05
 
 
 class _Checkpointer:
-    """A thread that copies the WAL into the database file when poked (the fsyncs of
-    ``synchronous=NORMAL`` happen here, never on the event loop). PASSIVE: it neither waits for
+    """A thread that copies the WAL into the database file when poked (the database file's
+    fsyncs happen here, never on the event loop; with ``synchronous=NORMAL`` these are the only
+    fsyncs, with FULL each commit also fsyncs the WAL). PASSIVE: it neither waits for
     nor blocks readers and writers; what it cannot copy now is copied next time."""
 
     def __init__(self, path: str) -> None:
@@ -252,13 +305,27 @@ class SQLiteStorage:
     Nothing here waits on the loop's thread: the connection's own busy timeout is 0, a write
     that finds another connection's lock backs off with ``anyio.sleep`` and tries again for up
     to ``busy_timeout`` seconds, then raises :class:`~resilient_payout.StorageUnavailable`; WAL
-    checkpoints (the only fsyncs, with ``synchronous=NORMAL``) run in a worker thread. Any number
-    of ``SQLiteStorage`` objects, in any number of processes, may share the file.
+    checkpoints run in a worker thread. ``synchronous="submitting"`` (the default) fsyncs the
+    WAL on the loop's thread for each write that precedes a POST, ``"full"`` for every commit,
+    ``"normal"`` for none (see the module docstring). Any number of ``SQLiteStorage`` objects,
+    in any number of processes, may share the file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        synchronous: str = "submitting",
+    ) -> None:
+        if synchronous not in _SYNCHRONOUS:
+            raise ConfigurationError(
+                f"SQLite option synchronous must be one of {', '.join(_SYNCHRONOUS)}, "
+                f"not {synchronous!r}"
+            )
         self._path = os.fspath(path)
         self._busy_timeout = busy_timeout
+        self._synchronous = synchronous
         self._db: sqlite3.Connection | None = None
         self._open_lock = anyio.Lock()  # open() and close() only; never around a statement
         self._writes = 0
@@ -266,18 +333,25 @@ class SQLiteStorage:
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
-        """``sqlite:///relative.db``, ``sqlite:////abs/path.db``; ``?busy_timeout=SECONDS``."""
+        """``sqlite:///relative.db``, ``sqlite:////abs/path.db``; ``?busy_timeout=SECONDS``,
+        ``?synchronous=normal`` (faster commits that a power loss may roll back)."""
         parts = urlsplit(url)
         if parts.scheme.lower() != "sqlite" or parts.netloc or len(parts.path) < 2:
             raise ValueError(
                 f"not an SQLite URL: {url!r} (use sqlite:///relative.db or sqlite:////abs.db)"
             )
         options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(options) - {"busy_timeout"}
+        unknown = set(options) - {"busy_timeout", "synchronous"}
         if unknown:
             raise ValueError(f"unknown SQLite URL option(s) {sorted(unknown)} in {url!r}")
         busy_timeout = float(options.get("busy_timeout", 5.0))
-        return cls(parts.path[1:], busy_timeout=busy_timeout)
+        synchronous = options.get("synchronous", "submitting").lower()
+        return cls(parts.path[1:], busy_timeout=busy_timeout, synchronous=synchronous)
+
+    @property
+    def synchronous(self) -> str:
+        """``full`` (the default) or ``normal``: see docs/storage.md, "Durability and money"."""
+        return self._synchronous
 
     @property
     def path(self) -> str:
@@ -316,10 +390,13 @@ class SQLiteStorage:
     def _prepare(self, db: sqlite3.Connection) -> None:
         try:
             db.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode: a power loss may drop the last commits, never corrupt the file.
-            db.execute("PRAGMA synchronous = NORMAL")
+            # FULL: a commit returns only once the WAL is on disk, so a power loss cannot roll a
+            # decision back (e.g. `submitting` back to `received`, which would be POSTed again).
+            mode = "NORMAL" if self._synchronous == "submitting" else self._synchronous.upper()
+            db.execute(f"PRAGMA synchronous = {mode}")
             found = db.execute("PRAGMA user_version").fetchone()[0]
-            db.executescript(_SCHEMA if found <= _SCHEMA_VERSION else "")
+            if found < _SCHEMA_VERSION:
+                found = self._migrate(db)
             # From here on no statement may block the loop: lock waits are async retries, and
             # checkpoints are ours, in a worker thread.
             db.execute("PRAGMA busy_timeout = 0")
@@ -331,6 +408,27 @@ class SQLiteStorage:
                 f"{self._path}: schema version {found} is newer than this library's "
                 f"({_SCHEMA_VERSION}); upgrade resilient-payout"
             )
+
+    def _migrate(self, db: sqlite3.Connection) -> int:
+        """Apply the missing :data:`_MIGRATIONS` steps; the version found under the lock."""
+        # Waits up to busy_timeout (the connection's timeout until _prepare turns it off) for
+        # other processes; then re-reads the version, since one of them may have migrated.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            found: int = db.execute("PRAGMA user_version").fetchone()[0]
+            for version in range(found + 1, _SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[version - 1]:
+                    db.execute(statement)
+            if found < _SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if found < _SCHEMA_VERSION:
+            log.info("SQLite %s: applied migrations %d..%d", self._path, found + 1, _SCHEMA_VERSION)
+        return found
 
     async def close(self) -> None:
         async with self._open_lock:
@@ -409,8 +507,20 @@ class SQLiteStorage:
             raise ValueError(f"outbox entry for {outbox.payout_id!r} given with {payout.id!r}")
         doc = _encode(payout)
         cas = (payout.status.value, payout.next_check_at, doc, payout.id, expected_version)
+        # A POST follows this write: were it rolled back by a power loss, the payout would be
+        # POSTed again. Its commit fsyncs the WAL (and with it every earlier commit).
+        durable = self._synchronous == "submitting" and payout.status is PayoutStatus.SUBMITTING
 
         def op(db: sqlite3.Connection) -> Payout | None:
+            if not durable:
+                return write(db)
+            db.execute("PRAGMA synchronous = FULL")
+            try:
+                return write(db)
+            finally:
+                db.execute("PRAGMA synchronous = NORMAL")
+
+        def write(db: sqlite3.Connection) -> Payout | None:
             if outbox is None:
                 rows = db.execute(_CAS, cas).fetchall()
                 return replace(payout, version=rows[0][0]) if rows else None
@@ -430,6 +540,7 @@ class SQLiteStorage:
                         outbox.attempts,
                         outbox.delivered_at,
                         outbox.last_error,
+                        outbox.dead_at,
                     ),
                 )
                 db.execute("COMMIT")
@@ -473,6 +584,16 @@ class SQLiteStorage:
 
     async def retry_outbox(self, payout_id: str, *, next_attempt_at: float, error: str) -> None:
         await self._query(_RETRY_OUTBOX, (next_attempt_at, error, payout_id), write=True)
+
+    async def dead_letter_outbox(self, payout_id: str, *, at: float, error: str) -> None:
+        await self._query(_DEAD_LETTER_OUTBOX, (at, error, payout_id), write=True)
+
+    async def requeue_outbox(self, payout_id: str, *, next_attempt_at: float) -> bool:
+        return bool(await self._query(_REQUEUE_OUTBOX, (next_attempt_at, payout_id), write=True))
+
+    async def count_dead_outbox(self) -> int:
+        ((n,),) = await self._query(_COUNT_DEAD, write=False)
+        return int(n)
 
     async def get_outbox(self, payout_id: str) -> OutboxEntry | None:
         rows = await self._query(_GET_OUTBOX, (payout_id,), write=False)

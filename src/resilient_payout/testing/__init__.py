@@ -4,6 +4,7 @@ partner and the mobile-client simulator."""
 from __future__ import annotations
 
 from ._fake_partner import FakePartner, Fate, Script
+from ._hostile import SkewedClock, StallingStorage
 from ._vtime import VIRTUAL_TIME_BACKEND, new_virtual_time_loop, run_virtual
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "FakePartner",
     "Fate",
     "Script",
+    "SkewedClock",
+    "StallingStorage",
     "new_virtual_time_loop",
     "run_virtual",
 ]

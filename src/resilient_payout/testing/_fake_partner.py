@@ -5,6 +5,10 @@ Unlike the HTTP mock partner (:mod:`resilient_payout.testing.mock_partner`) this
 :class:`Script`, so property tests can steer every branch. It keeps the truth (the partner's
 final record per id), counts POSTs and flags double payments: a POST that reached the partner
 while an earlier one for the same id was recorded or could still land.
+
+Time can be made hostile: ``send_delay`` holds each POST in transit before the partner sees it,
+``check_delay`` returns each status check's answer that long after the partner looked, and a
+script's ``flaky_404`` makes the partner answer 404 while its record is still ``pending``.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class Script:
     duplicate_webhook: bool = False
     land_after: float = 60.0
     final_delay: float = 20.0
+    flaky_404: bool = False  # GET answers 404 while the record is pending (a lagging replica)
 
 
 @dataclass
@@ -90,6 +95,8 @@ class FakePartner:
     check_limit: int = 5
     check_window: float = 1.0
     block_penalty: float = 60.0
+    send_delay: float = 0.0
+    check_delay: float = 0.0
     webhook_sink: WebhookSink | None = None
     records: dict[str, PartnerStatus] = field(default_factory=dict)
     posts: dict[str, list[_Post]] = field(default_factory=lambda: defaultdict(list))
@@ -135,6 +142,8 @@ class FakePartner:
     # -- the Partner protocol ------------------------------------------------------------------
 
     async def submit(self, payout_id: str, webhook_url: str) -> SubmitOutcome:
+        if self.send_delay > 0:
+            await anyio.sleep(self.send_delay)  # in transit: the partner has not seen it yet
         now = anyio.current_time()
         n = len(self.posts[payout_id]) + 1
         script = self._script(payout_id, n)
@@ -204,7 +213,16 @@ class FakePartner:
             self._blocked_until = now + self.block_penalty
             return RateLimited(retry_after=self.block_penalty)
         status = self.records.get(payout_id)
-        return NotFound() if status is None else Found(status)
+        outcome: CheckOutcome = NotFound() if status is None else Found(status)
+        if status is PartnerStatus.PENDING and self._flaky(payout_id):
+            outcome = NotFound()
+        if self.check_delay > 0:
+            await anyio.sleep(self.check_delay)  # the answer reflects the record at arrival
+        return outcome
+
+    def _flaky(self, payout_id: str) -> bool:
+        posts = self.posts.get(payout_id)
+        return posts[-1].script.flaky_404 if posts else False
 
     # -- internals -------------------------------------------------------------------------
 

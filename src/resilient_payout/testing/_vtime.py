@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import anyio
 
+from .._clock import VIRTUAL_LOOP_MARK
+
 __all__ = ["VIRTUAL_TIME_BACKEND", "new_virtual_time_loop", "run_virtual"]
 
 T = TypeVar("T")
@@ -27,6 +29,7 @@ def new_virtual_time_loop() -> asyncio.AbstractEventLoop:
     # Only in-process I/O runs on this loop, so the clock may jump as soon as every task waits:
     # a few no-op cycles (looptime's default is 42) make long simulations several times faster.
     loop: asyncio.AbstractEventLoop = looptime.new_event_loop(idle_timeout=86_400.0, noop_cycles=4)
+    setattr(loop, VIRTUAL_LOOP_MARK, True)  # LoopClock must not re-anchor to the real wall clock
     return loop
 
 

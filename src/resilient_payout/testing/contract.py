@@ -27,9 +27,25 @@ messages, call ``pytest.register_assert_rewrite("resilient_payout.testing.contra
 ``conftest.py`` before importing this module.
 
 Times are explicit ``now`` values (storage never reads a clock), so the suite never sleeps.
-Concurrent tests start many calls at once on one storage object; a backend that is atomic only
-per process should also be tested with several objects on one database, as the SQLite tests of
-resilient-payout do.
+Concurrent tests start many calls at once on one storage object. A backend shared by several
+processes must also pass :class:`MultiInstanceContract`, which races several storage objects
+opened on one database, as separate processes would::
+
+    class TestMyStorageInstances(MultiInstanceContract):
+        @pytest.fixture
+        async def open_instances(self) -> AsyncIterator[OpenInstances]:
+            opened: list[MyStorage] = []
+
+            async def open_n(n: int) -> list[Storage]:
+                batch = [MyStorage("...same database...") for _ in range(n)]
+                for backend in batch:
+                    await backend.open()
+                    opened.append(backend)
+                return list(batch)
+
+            yield open_n
+            for backend in opened:
+                await backend.close()
 """
 
 from __future__ import annotations
@@ -45,7 +61,14 @@ import pytest
 from .._model import AuditEntry, Cause, OutboxEntry, PartnerStatus, Payout, PayoutStatus
 from ..storage import Storage
 
-__all__ = ["T0", "StorageContract", "make_outbox", "make_payout"]
+__all__ = [
+    "T0",
+    "MultiInstanceContract",
+    "OpenInstances",
+    "StorageContract",
+    "make_outbox",
+    "make_payout",
+]
 
 T = TypeVar("T")
 
@@ -53,6 +76,9 @@ T0 = 1_700_000_000.0
 """The suite's "now": a realistic epoch time, so backends storing floats get realistic values."""
 
 LEASE = 30.0
+
+OpenInstances = Callable[[int], Awaitable[list[Storage]]]
+"""``await open_instances(n)``: ``n`` newly opened storage objects on one shared database."""
 
 
 def make_payout(
@@ -583,6 +609,134 @@ class StorageContract:
         assert len(claimed) == len(set(claimed))
         assert set(claimed) == ids
 
+    # -- dead-lettered outbox entries -----------------------------------------------------------
+
+    async def test_dead_letter_counts_the_round_and_is_never_claimed(
+        self, storage: Storage
+    ) -> None:
+        entry = await self._with_outbox(storage, "p-1")
+        await self.claim_outbox(storage, T0)
+        await storage.dead_letter_outbox("p-1", at=T0 + 1, error="HTTP 500, 10th round")
+        dead = await storage.get_outbox("p-1")
+        assert dead is not None
+        assert (dead.payout_id, dead.status, dead.created_at) == (
+            entry.payout_id,
+            entry.status,
+            entry.created_at,
+        )
+        assert (dead.attempts, dead.last_error, dead.dead_at, dead.delivered_at) == (
+            1,
+            "HTTP 500, 10th round",
+            T0 + 1,
+            None,
+        )
+        # Not even once its lease (released anyway) would have ended.
+        assert await self.claim_outbox(storage, T0 + 100 * LEASE, owner="b") == []
+        assert await storage.count_dead_outbox() == 1
+
+    async def test_dead_letter_of_a_delivered_dead_or_unknown_entry_changes_nothing(
+        self, storage: Storage
+    ) -> None:
+        await self._with_outbox(storage, "delivered")
+        await storage.ack_outbox("delivered", delivered_at=T0)
+        delivered = await storage.get_outbox("delivered")
+        await storage.dead_letter_outbox("delivered", at=T0 + 1, error="late")
+        assert await storage.get_outbox("delivered") == delivered
+        await self._with_outbox(storage, "dead")
+        await storage.dead_letter_outbox("dead", at=T0 + 1, error="first")
+        dead = await storage.get_outbox("dead")
+        await storage.dead_letter_outbox("dead", at=T0 + 2, error="second")
+        assert await storage.get_outbox("dead") == dead
+        await storage.dead_letter_outbox("nope", at=T0, error="x")
+        assert await storage.get_outbox("nope") is None
+        assert await storage.count_dead_outbox() == 1
+
+    async def test_retry_of_a_dead_entry_keeps_it_dead(self, storage: Storage) -> None:
+        await self._with_outbox(storage, "p-1")
+        await storage.dead_letter_outbox("p-1", at=T0, error="gave up")
+        dead = await storage.get_outbox("p-1")
+        await storage.retry_outbox("p-1", next_attempt_at=T0 + 1, error="a stale claimer's retry")
+        assert await storage.get_outbox("p-1") == dead
+        assert await self.claim_outbox(storage, T0 + 1) == []
+
+    async def test_count_dead_outbox(self, storage: Storage) -> None:
+        assert await storage.count_dead_outbox() == 0
+        for pid in ("a", "b", "c", "d"):
+            await self._with_outbox(storage, pid)
+        for pid in ("a", "b", "c"):
+            await storage.dead_letter_outbox(pid, at=T0, error="gave up")
+        assert await storage.count_dead_outbox() == 3
+        assert await storage.requeue_outbox("a", next_attempt_at=T0) is True
+        assert await storage.count_dead_outbox() == 2
+        assert sorted(e.payout_id for e in await self.claim_outbox(storage, T0)) == ["a", "d"]
+
+    async def test_requeue_makes_a_dead_entry_claimable_and_ack_works(
+        self, storage: Storage
+    ) -> None:
+        entry = await self._with_outbox(storage, "p-1")
+        await self.claim_outbox(storage, T0)
+        await storage.dead_letter_outbox("p-1", at=T0 + 1, error="HTTP 503")
+        assert await storage.requeue_outbox("p-1", next_attempt_at=T0 + 50) is True
+        # Attempts and the last error stay, as history for the operator.
+        requeued = replace(entry, attempts=1, last_error="HTTP 503", next_attempt_at=T0 + 50)
+        assert await storage.get_outbox("p-1") == requeued
+        assert await storage.count_dead_outbox() == 0
+        assert await self.claim_outbox(storage, T0 + 49, owner="b") == []
+        (again,) = await self.claim_outbox(storage, T0 + 50, owner="b")
+        assert again == replace(requeued, next_attempt_at=T0 + 50 + LEASE)
+        await storage.ack_outbox("p-1", delivered_at=T0 + 51)
+        delivered = await storage.get_outbox("p-1")
+        assert delivered is not None
+        assert (delivered.delivered_at, delivered.dead_at) == (T0 + 51, None)
+        assert await self.claim_outbox(storage, T0 + 100 * LEASE, owner="c") == []
+
+    async def test_requeue_releases_the_lease(self, storage: Storage) -> None:
+        await self._with_outbox(storage, "p-1")
+        assert len(await self.claim_outbox(storage, T0, owner="a")) == 1
+        assert await storage.requeue_outbox("p-1", next_attempt_at=T0 + 1) is True
+        (again,) = await self.claim_outbox(storage, T0 + 1, owner="b")
+        assert again.next_attempt_at == T0 + 1 + LEASE
+
+    async def test_requeue_of_a_delivered_entry_pushes_it_again(self, storage: Storage) -> None:
+        await self._with_outbox(storage, "p-1")
+        await storage.ack_outbox("p-1", delivered_at=T0)
+        assert await storage.requeue_outbox("p-1", next_attempt_at=T0 + 5) is True
+        stored = await storage.get_outbox("p-1")
+        assert stored is not None
+        assert (stored.delivered_at, stored.dead_at, stored.next_attempt_at) == (None, None, T0 + 5)
+        assert [e.payout_id for e in await self.claim_outbox(storage, T0 + 5)] == ["p-1"]
+
+    async def test_requeue_of_an_unknown_entry_is_false_and_creates_nothing(
+        self, storage: Storage
+    ) -> None:
+        await self.create(storage, "no-entry")
+        assert await storage.requeue_outbox("no-entry", next_attempt_at=T0) is False
+        assert await storage.requeue_outbox("nope", next_attempt_at=T0) is False
+        assert await storage.get_outbox("no-entry") is None
+        assert await storage.get_outbox("nope") is None
+        assert await self.claim_outbox(storage, T0 + 10) == []
+        assert await storage.count_dead_outbox() == 0
+
+    async def test_ack_of_a_dead_entry_marks_it_delivered(self, storage: Storage) -> None:
+        # A push that was slow to answer succeeded after all, after another round gave up.
+        await self._with_outbox(storage, "p-1")
+        await storage.dead_letter_outbox("p-1", at=T0, error="timeout")
+        await storage.ack_outbox("p-1", delivered_at=T0 + 2)
+        stored = await storage.get_outbox("p-1")
+        assert stored is not None
+        assert (stored.delivered_at, stored.dead_at) == (T0 + 2, None)
+        assert await storage.count_dead_outbox() == 0
+
+    async def test_cas_inserts_an_outbox_entry_with_every_field(self, storage: Storage) -> None:
+        current = await self.create(storage)
+        entry = replace(
+            make_outbox("p-1"), attempts=2, last_error="", dead_at=T0 + 0.5, next_attempt_at=T0 + 1
+        )
+        await self.update(storage, current, entry, status=entry.status, next_check_at=None)
+        assert await storage.get_outbox("p-1") == entry
+        assert await storage.count_dead_outbox() == 1
+        assert await self.claim_outbox(storage, T0 + 10) == []
+
     # -- count_by_status ----------------------------------------------------------------------
 
     async def test_count_by_status(self, storage: Storage) -> None:
@@ -644,3 +798,157 @@ class StorageContract:
         assert partner.reached("same") == 1
         assert final.status is PayoutStatus.COMPLETED
         assert final.request == {"id": "same", "amount": 42}
+
+
+class MultiInstanceContract:
+    """The decisions of :class:`StorageContract` raced across several storage objects on one
+    database (one file, schema or key prefix), each with its own connections, as separate
+    processes would be: atomicity must come from the database, not from one object.
+
+    Needs an ``open_instances`` fixture (an :data:`OpenInstances`): ``await open_instances(n)``
+    returns ``n`` newly opened objects on one fresh, empty database, closed after the test.
+    MemoryStorage cannot run it: each of its objects is a database of its own.
+    """
+
+    pytestmark = pytest.mark.anyio
+
+    INSTANCES = 4
+    ROUNDS = 20
+
+    async def test_instances_race_create_and_exactly_one_wins(
+        self, open_instances: OpenInstances
+    ) -> None:
+        stores = await open_instances(self.INSTANCES)
+        n = len(stores)
+        for r in range(self.ROUNDS):
+            pid = f"p-{r:02}"
+            results = await _gather(
+                [
+                    partial(stores[i % n].create_if_absent, make_payout(pid, fingerprint=f"{i}"))
+                    for i in range(3 * n)
+                ]
+            )
+            winners = [stored for stored, created in results if created]
+            assert len(winners) == 1, f"round {r}: {len(winners)} creations"
+            assert winners[0].version == 1
+            assert all(stored == winners[0] for stored, _ in results), f"round {r}"
+            for store in stores:
+                assert await store.get(pid) == winners[0], f"round {r}"
+        for store in stores:
+            counts = await store.count_by_status()
+            assert counts[PayoutStatus.RECEIVED] == self.ROUNDS
+            assert sum(counts.values()) == self.ROUNDS
+
+    async def test_instances_race_compare_and_set_and_exactly_one_wins(
+        self, open_instances: OpenInstances
+    ) -> None:
+        stores = await open_instances(self.INSTANCES)
+        n = len(stores)
+        statuses = [PayoutStatus.COMPLETED, PayoutStatus.DECLINED, PayoutStatus.FAILED]
+        won: list[Payout] = []
+        for r in range(self.ROUNDS // 2):
+            v1 = await StorageContract.create(stores[r % n], f"p-{r:02}")
+            results = await _gather(
+                [
+                    partial(
+                        stores[i % n].compare_and_set,
+                        _final(v1, statuses[i % 3]),
+                        expected_version=1,
+                        outbox=make_outbox(v1.id, status=statuses[i % 3], at=T0 + i),
+                    )
+                    for i in range(3 * n)
+                ]
+            )
+            winners = [p for p in results if p is not None]
+            assert len(winners) == 1, f"round {r}: {len(winners)} winners"
+            assert winners[0].version == 2
+            for store in stores:
+                assert await store.get(v1.id) == winners[0], f"round {r}"
+                entry = await store.get_outbox(v1.id)
+                assert entry is not None
+                assert entry.status == winners[0].status, f"round {r}: outbox of a loser"
+            won.append(winners[0])
+        expected = {s: sum(1 for p in won if p.status is s) for s in PayoutStatus}
+        for store in stores:
+            assert await store.count_by_status() == expected
+
+    async def test_claims_across_instances_are_disjoint(
+        self, open_instances: OpenInstances
+    ) -> None:
+        stores = await open_instances(3)
+        ids = [f"p-{i:03}" for i in range(60)]
+        for i, pid in enumerate(ids):
+            stored = await StorageContract.create(stores[i % 3], pid, next_check_at=T0 - i)
+            if i % 2:  # half of them final, with an outbox entry instead
+                await StorageContract.update(
+                    stores[(i + 1) % 3],
+                    stored,
+                    make_outbox(pid, at=T0 - i),
+                    status=PayoutStatus.COMPLETED,
+                    next_check_at=None,
+                )
+        claimed: list[str] = []
+        pushed: list[str] = []
+
+        async def drain(store: Storage, owner: str) -> None:
+            for _ in range(len(ids)):  # bounded: a broken backend fails instead of hanging
+                batch = await store.claim_due(T0, owner=owner, lease_seconds=LEASE, limit=4)
+                entries = await store.claim_outbox(T0, owner=owner, lease_seconds=LEASE, limit=3)
+                if not batch and not entries:
+                    return
+                claimed.extend(p.id for p in batch)
+                pushed.extend(e.payout_id for e in entries)
+
+        async with anyio.create_task_group() as tg:
+            for n, store in enumerate(stores):
+                tg.start_soon(drain, store, f"w{n}a")
+                tg.start_soon(drain, store, f"w{n}b")
+        assert len(claimed) == len(set(claimed)), "a payout was claimed twice"
+        assert set(claimed) == set(ids[0::2])
+        assert len(pushed) == len(set(pushed)), "an outbox entry was claimed twice"
+        assert set(pushed) == set(ids[1::2])
+        for pid in ids[0::2]:
+            fetched = await stores[2].get(pid)
+            assert fetched is not None
+            assert fetched.version == 2
+
+    async def test_stale_owner_loses_after_another_instance_takes_over_its_lease(
+        self, open_instances: OpenInstances
+    ) -> None:
+        a, b = await open_instances(2)
+        await StorageContract.create(a, "p-1")
+        (stale,) = await StorageContract.claim(a, T0, owner="a")
+        assert await StorageContract.claim(b, T0 + LEASE - 1, owner="b") == []
+        (fresh,) = await StorageContract.claim(b, T0 + LEASE + 1, owner="b")
+        assert fresh.version == stale.version + 1 == 3
+        lost = await a.compare_and_set(
+            _final(stale), expected_version=stale.version, outbox=make_outbox()
+        )
+        assert lost is None
+        assert await b.get_outbox("p-1") is None
+        won = await StorageContract.update(
+            b,
+            fresh,
+            make_outbox(status=PayoutStatus.DECLINED),
+            status=PayoutStatus.DECLINED,
+            next_check_at=None,
+        )
+        assert await a.get("p-1") == won
+        assert await a.get_outbox("p-1") == make_outbox(status=PayoutStatus.DECLINED)
+
+    async def test_a_dead_letter_holds_for_every_instance(
+        self, open_instances: OpenInstances
+    ) -> None:
+        a, b = await open_instances(2)
+        current = await StorageContract.create(a, "p-1")
+        await StorageContract.update(
+            a, current, make_outbox(), status=PayoutStatus.COMPLETED, next_check_at=None
+        )
+        assert len(await StorageContract.claim_outbox(a, T0, owner="a")) == 1
+        await a.dead_letter_outbox("p-1", at=T0 + 1, error="gave up")
+        assert await StorageContract.claim_outbox(b, T0 + 100 * LEASE, owner="b") == []
+        assert await b.count_dead_outbox() == 1
+        assert await b.requeue_outbox("p-1", next_attempt_at=T0 + 2) is True
+        (again,) = await StorageContract.claim_outbox(a, T0 + 2, owner="a")
+        assert again.payout_id == "p-1"
+        assert await a.count_dead_outbox() == 0
