@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from resilient_payout.cli import _procs
+from resilient_payout.testing._stats import percentile as percentile
 
 LOOPBACK = "127.0.0.1"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -32,43 +32,24 @@ def spawn(args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
     """Start ``python <args>`` in its own session, output to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    # Not tied to our death: scenarios start processes while their sampling threads run, where
+    # the preexec_fn that would do it is unsafe.
+    return _procs.start([sys.executable, *args], log, env, die_with_parent=False)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float = 30.0) -> None:
     """Poll ``url`` until it answers 200; RuntimeError if the process dies or time runs out."""
-    deadline = time.monotonic() + timeout
     with httpx.Client(timeout=1.0, trust_env=False) as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if http.get(url).status_code == 200:
-                    return
-            time.sleep(0.1)
+        if _procs.wait_url(proc, url, time.monotonic() + timeout, http):
+            return
+    if proc.returncode is not None:
+        raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     """SIGTERM the process group, SIGKILL it after ``timeout``."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _procs.stop_procs([proc], timeout)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -84,14 +65,6 @@ def rss_kib(pid: int | str = "self") -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..1); 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def machine() -> dict[str, Any]:

@@ -11,7 +11,7 @@ import sys
 
 import anyio
 
-from resilient_payout.cli import _tune_gc
+from resilient_payout.cli._procs import tune_gc as _tune_gc
 from resilient_payout.testing.mock_partner import MockPartnerConfig, serve_mock_partner
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import uvicorn
 from fastapi import Body, FastAPI
 
-from resilient_payout.cli import _tune_gc
+from resilient_payout.cli._procs import tune_gc as _tune_gc
 
 app = FastAPI()
 _pushes: dict[str, float] = {}

@@ -7,6 +7,6 @@ the variables are listed in ``docs/service.md``. Invalid settings fail the impor
 
 from __future__ import annotations
 
-from resilient_payout.fastapi import ServiceSettings, create_app
+from resilient_payout.service import ServiceSettings, create_app
 
 app = create_app(ServiceSettings.from_env())

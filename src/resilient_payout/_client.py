@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, Self
+from dataclasses import dataclass
+from typing import Any, Final, Self
 
 import anyio
 from anyio.abc import TaskGroup
@@ -38,18 +37,15 @@ from ._lifecycle import (
     OperatorResolved,
     PartnerAnswered,
     SendExpired,
-    StatusChecked,
     SubmitNow,
     SubmitToPartner,
     WebhookReceived,
-    WorkDue,
     decide,
     send_expired,
 )
 from ._model import (
     Accepted,
     Cause,
-    CheckFailed,
     Found,
     NotFound,
     NotSent,
@@ -62,7 +58,9 @@ from ._model import (
     Uncertain,
 )
 from ._policy import Policy
-from .notify import Notifier, deliver_with_retries, next_round_delay
+from ._stats import ClientStats, bump
+from ._workers import CheckScheduler, DueWork, OutboxWork
+from .notify import Notifier
 from .partner import Partner
 from .reconcile import CheckBudget, LocalCheckBudget
 from .storage import Storage
@@ -72,9 +70,7 @@ __all__ = ["ClientStats", "PayoutClient", "SubmitResult"]
 
 log = logging.getLogger("resilient_payout")
 
-_MAX_RACES = 20
-_CLAIM_BATCH = 200
-_MIN_WAIT = 0.001
+_MAX_RACES: Final = 20
 
 ConflictHook = Callable[[Payout, ConflictDetected], Awaitable[None] | None]
 
@@ -85,45 +81,6 @@ class SubmitResult:
 
     payout: Payout
     replayed: bool
-
-
-@dataclass(slots=True)
-class ClientStats:
-    """Counters of one client (see docs/reconciliation.md). ``to_dict()`` gives a snapshot."""
-
-    submits: int = 0
-    replays: int = 0
-    idempotency_conflicts: int = 0
-    posts: int = 0
-    answers: dict[str, int] = field(default_factory=dict)
-    checks_sent: int = 0
-    checks_peak_per_second: int = 0
-    checks_rate_limited: int = 0
-    check_pauses: int = 0
-    checks_skipped: int = 0
-    webhooks: int = 0
-    webhooks_unknown: int = 0
-    webhooks_rejected: dict[str, int] = field(default_factory=dict)
-    resolved: dict[str, int] = field(default_factory=dict)
-    confirmed_absences: int = 0
-    resubmissions: int = 0
-    recovered_orphans: int = 0
-    conflicts: int = 0
-    hook_errors: int = 0
-    sends_expired: int = 0
-    retry_after_capped: int = 0
-    notifications_delivered: int = 0
-    notification_rounds_failed: int = 0
-    notifications_dead: int = 0
-    races_lost: int = 0
-    work_errors: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _bump(counter: dict[str, int], key: str) -> None:
-    counter[key] = counter.get(key, 0) + 1
 
 
 class PayoutClient:
@@ -182,16 +139,13 @@ class PayoutClient:
         self.close_storage = close_storage
         self.webhook_verifier = webhook_verifier
         self.stats = ClientStats()
+        self.limiter = anyio.CapacityLimiter(self.policy.max_concurrent_work)
+        """Bounds this process's background tasks (submits, checks, pushes)."""
+        self.due = DueWork(self)
+        self.checks = CheckScheduler(self)
+        self.outbox = OutboxWork(self, notifier) if notifier is not None else None
         self._tg: TaskGroup | None = None
-        self._limiter = anyio.CapacityLimiter(self.policy.max_concurrent_work)
-        self._inflight: set[str] = set()
-        # Payouts eligible for a status check, waiting for a budget token (see _check_loop).
-        self._check_queue: dict[str, Payout] = {}
-        self._check_wake = anyio.Event()
-        self._recent_checks: deque[float] = deque()
         self._waiters: dict[str, set[_Waiter]] = {}
-        self._due_wake = anyio.Event()
-        self._outbox_wake = anyio.Event()
 
     # -- lifecycle of the client itself ------------------------------------------------------
 
@@ -201,10 +155,10 @@ class PayoutClient:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         if self.background:
-            self._tg.start_soon(self._due_loop, self._tg)
-            self._tg.start_soon(self._check_loop, self._tg)
-            if self.notifier is not None:
-                self._tg.start_soon(self._outbox_loop, self._tg)
+            self._tg.start_soon(self.due.run, self._tg)
+            self._tg.start_soon(self.checks.run, self._tg)
+            if self.outbox is not None:
+                self._tg.start_soon(self.outbox.run, self._tg)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -333,7 +287,7 @@ class PayoutClient:
             await self.webhook_verifier.verify(headers, raw, self.clock.now())
         except WebhookRejected as exc:
             reason = exc.reason.value if isinstance(exc, WebhookAuthError) else "rejected"
-            _bump(self.stats.webhooks_rejected, reason)
+            bump(self.stats.webhooks_rejected, reason)
             raise
 
     # -- the machinery -----------------------------------------------------------------------
@@ -350,7 +304,7 @@ class PayoutClient:
                 decision.payout, expected_version=current.version, outbox=outbox
             )
             if stored is not None:
-                self._written(stored, outbox is not None)
+                self._written(current, stored, outbox is not None)
                 await self._act(stored, decision)
                 return stored
             self.stats.races_lost += 1
@@ -367,21 +321,24 @@ class PayoutClient:
                 return OutboxEntry(decision.payout.id, effect.status, now, next_attempt_at=now)
         return None
 
-    def _written(self, stored: Payout, notified: bool) -> None:
+    def _written(self, before: Payout, stored: Payout, notified: bool) -> None:
         if stored.is_final and notified and stored.resolved_by is not None:
-            _bump(self.stats.resolved, stored.resolved_by.value)
+            bump(self.stats.resolved, stored.resolved_by.value)
         if stored.is_final:
-            self._check_queue.pop(stored.id, None)
+            self.checks.drop(stored.id)
             for waiter in self._waiters.get(stored.id, ()):
                 waiter.final = stored
                 waiter.event.set()
-        if notified:
-            self._outbox_wake.set()
+        if notified and self.outbox is not None:
+            self.outbox.wake()
         if stored.next_check_at is not None and stored.next_check_at <= self.clock.now():
-            self._due_wake.set()
+            self.due.wake()
         if stored.status is PayoutStatus.FAILED and stored.resolved_by is Cause.STATUS_CHECK:
             self.stats.confirmed_absences += 1
-        if stored.status is PayoutStatus.UNKNOWN and stored.audit[-1].event == "submit_orphaned":
+        orphaned = (
+            before.status is PayoutStatus.SUBMITTING and stored.status is PayoutStatus.UNKNOWN
+        )
+        if orphaned and stored.audit[-1].cause is Cause.RECOVERY:  # no answer: its caller died
             self.stats.recovered_orphans += 1
 
     async def _act(self, payout: Payout, decision: Decision) -> None:
@@ -393,8 +350,7 @@ class PayoutClient:
                         self.stats.confirmed_absences += 1
                     await self._submit(payout, attempt)
                 case CheckStatus():
-                    self._check_queue[payout.id] = payout
-                    self._check_wake.set()
+                    self.checks.offer(payout)
                 case ConflictDetected():
                     await self._conflict(payout, effect)
                 case Notify():
@@ -415,12 +371,17 @@ class PayoutClient:
             # A Partner must not raise, but one that does may have sent the request already.
             log.exception("payout %s: the partner's submit raised; outcome uncertain", payout.id)
             outcome = Uncertain(f"partner adapter raised {type(exc).__name__}")
-        _bump(self.stats.answers, _outcome_name(outcome))
+        bump(self.stats.answers, _outcome_name(outcome))
         if isinstance(outcome, RateLimited):
-            self._note_retry_after(payout.id, outcome.retry_after)
+            self.note_retry_after(payout.id, outcome.retry_after)
         await self._apply(payout, PartnerAnswered(attempt, outcome))
 
-    def _note_retry_after(self, payout_id: str, retry_after: float | None) -> None:
+    def is_awaited(self, payout_id: str) -> bool:
+        """Whether an app waits on this payout in this process (``wait_final``)."""
+        return payout_id in self._waiters
+
+    def note_retry_after(self, payout_id: str, retry_after: float | None) -> None:
+        """Log and count a partner Retry-After that ``Policy.max_retry_after`` caps."""
         if retry_after is not None and not retry_after <= self.policy.max_retry_after:
             self.stats.retry_after_capped += 1
             log.warning(
@@ -429,78 +390,6 @@ class PayoutClient:
                 retry_after,
                 self.policy.max_retry_after,
             )
-
-    def _check_priority(self, p: Payout) -> tuple[int, float]:
-        """Which eligible payout gets the next token: an app waiting on a long-poll first, then
-        the most overdue one, so under load every payout's checks are spaced evenly."""
-        return (0 if p.id in self._waiters else 1, p.next_check_at or 0.0)
-
-    async def _check_loop(self, tg: TaskGroup) -> None:
-        """Spend each budget token on the best eligible payout *at the moment it is granted*."""
-        while True:
-            while not self._check_queue:
-                self._check_wake = anyio.Event()
-                await self._check_wake.wait()
-            try:
-                await self.budget.acquire()
-            except Exception:
-                # A shared budget's backend may fail (Redis down, bad credentials): checks wait,
-                # nothing else stops.
-                self.stats.work_errors += 1
-                log.exception(
-                    "the check budget failed; retrying in %.1fs", self.policy.poll_interval
-                )
-                await anyio.sleep(self.policy.poll_interval)
-                continue
-            if not self._check_queue:
-                continue  # settled by a webhook or answer while we waited: token unused
-            best = min(self._check_queue.values(), key=self._check_priority)
-            del self._check_queue[best.id]
-            tg.start_soon(self._check, best)
-
-    async def _check(self, payout: Payout) -> None:
-        try:
-            fresh = await self.storage.get(payout.id)
-            if (
-                fresh is None
-                or fresh.status not in (PayoutStatus.UNKNOWN, PayoutStatus.AWAITING)
-                or fresh.attempt != payout.attempt
-            ):
-                self.stats.checks_skipped += 1
-                return
-            self._count_check()
-            sent_at = self.clock.now()
-            try:
-                outcome = await self.partner.check(fresh.id)
-            except Exception as exc:
-                log.exception("payout %s: the partner's check raised", payout.id)
-                outcome = CheckFailed(f"partner adapter raised {type(exc).__name__}")
-            if isinstance(outcome, RateLimited):
-                self.stats.checks_rate_limited += 1
-                self.stats.check_pauses += 1
-                self._note_retry_after(payout.id, outcome.retry_after)
-                pause = self.policy.retry_delay(outcome.retry_after, self.policy.block_pause)
-                log.warning("partner rate-limited a status check; pausing checks for %.1fs", pause)
-                await self.budget.pause(pause)
-            await self._apply(fresh, StatusChecked(fresh.attempt, outcome, sent_at=sent_at))
-        except StorageError as exc:
-            self.stats.work_errors += 1
-            log.warning("payout %s: storage error during a check, will retry: %s", payout.id, exc)
-        except Exception:
-            # Background work never kills the client (and with it every other payout).
-            self.stats.work_errors += 1
-            log.exception("payout %s: unexpected error during a check", payout.id)
-        finally:
-            self._inflight.discard(payout.id)
-
-    def _count_check(self) -> None:
-        now = anyio.current_time()
-        self.stats.checks_sent += 1
-        recent = self._recent_checks
-        recent.append(now)
-        while recent[0] <= now - 1.0:
-            recent.popleft()
-        self.stats.checks_peak_per_second = max(self.stats.checks_peak_per_second, len(recent))
 
     async def _conflict(self, payout: Payout, conflict: ConflictDetected) -> None:
         self.stats.conflicts += 1
@@ -519,7 +408,7 @@ class PayoutClient:
 
     async def _run_guarded(self, payout: Payout, event: Event) -> None:
         """Background work never kills the client: a failure is logged and retried later."""
-        async with self._limiter:
+        async with self.limiter:
             try:
                 await self._apply(payout, event)
             except StorageError as exc:
@@ -529,93 +418,8 @@ class PayoutClient:
                 self.stats.work_errors += 1
                 log.exception("payout %s: unexpected error in background work", payout.id)
             finally:
-                if payout.id not in self._check_queue:
-                    self._inflight.discard(payout.id)
-
-    async def _due_loop(self, tg: TaskGroup) -> None:
-        while True:
-            now = self.clock.now()
-            try:
-                batch = await self.storage.claim_due(
-                    now,
-                    owner=self.instance_id,
-                    lease_seconds=self.policy.lease,
-                    limit=_CLAIM_BATCH,
-                )
-                nxt = await self.storage.next_due_at()
-            except StorageError as exc:
-                log.warning("claiming due work failed, retrying: %s", exc)
-                batch, nxt = [], None
-            for p in batch:
-                if p.id not in self._inflight:
-                    self._inflight.add(p.id)
-                    tg.start_soon(self._run_guarded, p, WorkDue())
-            if len(batch) == _CLAIM_BATCH:
-                await anyio.lowlevel.checkpoint()
-                continue
-            delay = self.policy.poll_interval
-            if nxt is not None and nxt > now:
-                # A floor: epoch floats and the loop clock round differently, and a wait shorter
-                # than the clock's resolution would never reach the due time.
-                delay = max(min(delay, nxt - now), _MIN_WAIT)
-            self._due_wake = anyio.Event()
-            with anyio.move_on_after(delay):
-                await self._due_wake.wait()
-
-    async def _outbox_loop(self, tg: TaskGroup) -> None:
-        # A round may retry a few times with backoff; the lease must outlast it.
-        p = self.policy
-        lease = p.lease + p.notify_attempts_per_round * (p.notify_timeout + p.notify_backoff_max)
-        while True:
-            try:
-                entries = await self.storage.claim_outbox(
-                    self.clock.now(),
-                    owner=self.instance_id,
-                    lease_seconds=lease,
-                    limit=_CLAIM_BATCH,
-                )
-            except StorageError as exc:
-                log.warning("claiming outbox entries failed, retrying: %s", exc)
-                entries = []
-            for entry in entries:
-                tg.start_soon(self._deliver, entry)
-            if len(entries) == _CLAIM_BATCH:
-                await anyio.lowlevel.checkpoint()
-                continue
-            self._outbox_wake = anyio.Event()
-            with anyio.move_on_after(self.policy.poll_interval):
-                await self._outbox_wake.wait()
-
-    async def _deliver(self, entry: OutboxEntry) -> None:
-        assert self.notifier is not None
-        async with self._limiter:
-            try:
-                ok = await deliver_with_retries(
-                    self.notifier, entry.payout_id, entry.status, self.policy
-                )
-                now = self.clock.now()
-                if ok:
-                    self.stats.notifications_delivered += 1
-                    await self.storage.ack_outbox(entry.payout_id, delivered_at=now)
-                elif entry.attempts + 1 >= self.policy.notify_max_rounds:
-                    self.stats.notification_rounds_failed += 1
-                    self.stats.notifications_dead += 1
-                    log.error(
-                        "outbox %s: push refused for %d rounds; dead-lettered for an operator",
-                        entry.payout_id,
-                        entry.attempts + 1,
-                    )
-                    await self.storage.dead_letter_outbox(
-                        entry.payout_id, at=now, error="push not acknowledged"
-                    )
-                else:
-                    self.stats.notification_rounds_failed += 1
-                    delay = next_round_delay(entry.attempts + 1, self.policy)
-                    await self.storage.retry_outbox(
-                        entry.payout_id, next_attempt_at=now + delay, error="push not acknowledged"
-                    )
-            except StorageError as exc:
-                log.warning("outbox %s: storage error, will retry: %s", entry.payout_id, exc)
+                if payout.id not in self.checks:  # a queued check releases it when done
+                    self.due.done(payout.id)
 
 
 class _Waiter:

@@ -23,7 +23,9 @@ import pytest
 from rich.console import Console
 
 from resilient_payout import __version__, cli
+from resilient_payout._urls import redact_url
 from resilient_payout.cli import build_parser, main, partner_config, serve_settings
+from resilient_payout.cli._procs import Child, prepare_logs, stop, tune_gc
 from resilient_payout.testing.mock_partner import MockPartnerConfig
 from resilient_payout.testing.simulator import config_from_args
 
@@ -112,7 +114,7 @@ def test_serve_flags_parse() -> None:
         *("--check-burst", "4", "--max-wait", "10", "--log-level", "debug", "--access-log"),
     )
 
-    assert ns.handler is cli._cmd_serve
+    assert ns.handler is cli.serve.run
     assert (ns.host, ns.port, ns.storage) == ("0.0.0.0", 8080, "sqlite:///x.db")
     assert (ns.partner_url, ns.public_url, ns.client_url) == (
         "http://p:1",
@@ -126,7 +128,7 @@ def test_serve_flags_parse() -> None:
 def test_serve_without_flags_leaves_every_setting_to_the_environment() -> None:
     ns = parse("serve")
 
-    assert all(getattr(ns, dest) is None for dest in cli._SERVE_ENV)
+    assert all(getattr(ns, dest) is None for dest in cli.serve.SERVE_ENV)
 
 
 @needs_service
@@ -209,7 +211,7 @@ def test_simulate_takes_the_simulator_options() -> None:
     )
     config = config_from_args(ns)
 
-    assert ns.handler is cli._cmd_simulate
+    assert ns.handler is cli.simulate.run
     assert (config.api_url, config.partner_url) == (
         "http://127.0.0.1:4200",
         "http://127.0.0.1:4000",
@@ -239,7 +241,7 @@ def test_demo_flags_parse() -> None:
         *("--workdir", "/tmp/d", "--no-progress", "--deadline", "900"),
     )
 
-    assert ns.handler is cli._cmd_demo
+    assert ns.handler is cli.demo.run
     assert (ns.time_scale, ns.n, ns.rate, ns.storage) == (1.0, 50, 5.0, "redis://r:6379/0")
     assert (ns.seed, ns.json_path, ns.keep_logs) == (7, Path("r.json"), True)
     assert (ns.push_body, ns.deadline) == ("nested", 900.0)
@@ -253,7 +255,7 @@ def test_demo_options_become_the_simulator_config() -> None:
         *("--time-scale", "0.2", "--client-port", "4100", "--service-port", "4200"),
     )
 
-    config = cli._demo_config(ns, 3)
+    config = cli.demo.simulator_config(ns, 3)
 
     assert not isinstance(config, str)  # other storage URLs are passed through, not refused
     assert (config.n, config.rate, config.time_scale, config.seed) == (30, 4.0, 0.2, 3)
@@ -308,10 +310,10 @@ def test_demo_names_the_busy_port(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_logs_are_replaced_or_kept(tmp_path: Path) -> None:
     (tmp_path / "partner.log").write_text("run 1\n")
 
-    (log,) = cli._prepare_logs(tmp_path, ["partner"], keep=True)
+    (log,) = prepare_logs(tmp_path, ["partner"], keep=True)
     kept = list(tmp_path.glob("partner.*.log"))
     log.write_text("run 2\n")
-    cli._prepare_logs(tmp_path, ["partner"], keep=False)
+    prepare_logs(tmp_path, ["partner"], keep=False)
 
     assert len(kept) == 1
     assert kept[0].read_text() == "run 1\n"
@@ -327,21 +329,21 @@ def test_logs_are_replaced_or_kept(tmp_path: Path) -> None:
     ],
 )
 def test_demo_never_prints_a_storage_password(url: str, shown: str) -> None:
-    assert cli._redact(url) == shown
+    assert redact_url(url) == shown
 
 
 def test_each_demo_gets_a_fresh_sqlite_file(tmp_path: Path) -> None:
     for name in ("demo.db", "demo.db-wal", "demo.db-shm"):
         (tmp_path / name).write_bytes(b"last run")
 
-    url = cli._fresh_sqlite(tmp_path)
+    url = cli.demo.fresh_sqlite(tmp_path)
 
     assert url == f"sqlite:///{tmp_path}/demo.db"
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
-def stubborn_child(tmp_path: Path) -> Iterator[cli._Child]:
+def stubborn_child(tmp_path: Path) -> Iterator[Child]:
     """A child in its own process group that ignores SIGTERM, as a hung server would."""
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up'); "
     code += "time.sleep(60)"
@@ -351,7 +353,7 @@ def stubborn_child(tmp_path: Path) -> Iterator[cli._Child]:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"up\n"
-        yield cli._Child("stubborn", proc, tmp_path / "x.log", "http://127.0.0.1:1/")
+        yield Child("stubborn", proc, tmp_path / "x.log", "http://127.0.0.1:1/")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -359,14 +361,11 @@ def stubborn_child(tmp_path: Path) -> Iterator[cli._Child]:
         proc.stdout.close()  # type: ignore[union-attr]
 
 
-def test_stop_kills_a_child_that_ignores_sigterm(
-    stubborn_child: cli._Child, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(cli, "_STOP_TIMEOUT_S", 0.3)
+def test_stop_kills_a_child_that_ignores_sigterm(stubborn_child: Child) -> None:
     out = io.StringIO()
 
     began = time.monotonic()
-    cli._stop([stubborn_child], Console(file=out, width=120))
+    stop([stubborn_child], Console(file=out, width=120), timeout=0.3)
 
     assert stubborn_child.proc.returncode == -signal.SIGKILL
     assert time.monotonic() - began < 5
@@ -427,11 +426,9 @@ def test_servers_tune_the_garbage_collector_before_serving() -> None:
     # rarer, leaving young collections as they are.
     import gc
 
-    from resilient_payout.cli import _tune_gc
-
     before = gc.get_threshold()
     try:
-        _tune_gc()
+        tune_gc()
         assert gc.get_freeze_count() > 1000
         assert gc.get_threshold() == (before[0], before[1], 1000)
     finally:

@@ -10,7 +10,7 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from resilient_payout.fastapi import ServiceSettings
+from resilient_payout.service import ServiceSettings
 
 MODULE = "examples.fastapi_service.app"
 ENV = {

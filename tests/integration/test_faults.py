@@ -1,11 +1,11 @@
 """Fault injection: the example service through partner, push-endpoint and storage outages.
 
-Everything runs in this process: the service app and the mock partner talk through
-``httpx.ASGITransport`` both ways, with a :class:`Faulty` transport in front of the partner that
-refuses connections or hangs past our read timeout on demand; pushes go to a callback that can be
-"down". Partner faults run on virtual time at the partner's real durations. Storage outages need
-real I/O (an SQLite write lock held by another connection; a TCP proxy in front of PostgreSQL or
-Redis, stopped and restarted), so they run on real time against a time-scaled partner.
+Everything runs in this process, on the stack of conftest.py, with a :class:`Faulty` transport in
+front of the partner that refuses connections or hangs past our read timeout on demand; pushes go
+to a callback that can be "down". Partner faults run on virtual time at the partner's real
+durations. Storage outages need real I/O (an SQLite write lock held by another connection; a TCP
+proxy in front of PostgreSQL or Redis, stopped and restarted), so they run on real time against a
+time-scaled partner.
 
 After each scenario :func:`settle_and_check` asserts that every transfer is final and equal to
 the partner's settled truth, that nothing was paid twice and that every push is the one final
@@ -17,28 +17,23 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import httpx
 import pytest
-from fastapi import FastAPI
 
-from resilient_payout import CallbackNotifier, HttpPartner, PayoutClient, PayoutStatus
-from resilient_payout.fastapi import PROBLEM_TYPE_PREFIX, ServiceSettings, create_app
+from resilient_payout.service import PROBLEM_TYPE_PREFIX, ServiceSettings
 from resilient_payout.storage import Storage
 from resilient_payout.storage.memory import MemoryStorage
 from resilient_payout.storage.postgres import PostgresStorage
 from resilient_payout.storage.redis import RedisStorage
 from resilient_payout.storage.sqlite import SQLiteStorage
 from resilient_payout.testing import VIRTUAL_TIME_BACKEND
-from resilient_payout.testing.mock_partner import MockPartner, MockPartnerConfig
+from resilient_payout.testing.mock_partner import MockPartnerConfig
 from tests.contract.conftest import (
     TcpProxy,
     delete_prefix,
@@ -48,6 +43,7 @@ from tests.contract.conftest import (
     server_url,
     with_port,
 )
+from tests.integration.conftest import ServiceStack, service_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -90,27 +86,16 @@ class Faulty(httpx.AsyncBaseTransport):
         return await self.inner.handle_async_request(request)
 
 
-@dataclass
-class Stack:
-    app: FastAPI
-    http: httpx.AsyncClient
-    partner: MockPartner
-    faulty: Faulty
-    scale: float
-    push_down: bool = False
-    push_failures: int = 0
-    pushes: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-
-    async def push(self, payout_id: str, status: PayoutStatus) -> None:
-        if self.push_down:
-            self.push_failures += 1
-            raise ConnectionRefusedError("app backend down")
-        self.pushes[payout_id].append(status.value)
+class Stack(ServiceStack):
+    @property
+    def faulty(self) -> Faulty:
+        assert isinstance(self.partner_transport, Faulty)
+        return self.partner_transport
 
     @property
-    def client(self) -> PayoutClient:
-        client: PayoutClient = self.app.state.payout_client
-        return client
+    def scale(self) -> float:
+        scale: float = self.app.state.settings.time_scale
+        return scale
 
     async def submit(self, ids: list[str]) -> None:
         for payout_id in ids:
@@ -129,26 +114,14 @@ async def stack(
     settings = ServiceSettings(
         storage_url=storage_url, public_url="http://service", time_scale=scale
     )
-    partner_http: httpx.AsyncClient | None = None
-
-    def factory(s: ServiceSettings) -> PayoutClient:
-        assert partner_http is not None
-        return PayoutClient(
-            storage=storage(),
-            partner=HttpPartner("http://partner", client=partner_http, policy=s.policy()),
-            webhook_url=s.webhook_url,
-            notifier=CallbackNotifier(st.push),
-            policy=s.policy(),
-        )
-
-    app = create_app(settings, client_factory=factory)
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service")
-    partner = MockPartner(config.replace(time_scale=scale), webhook_client=http)
-    faulty = Faulty(httpx.ASGITransport(app=partner.app))
-    partner_http = httpx.AsyncClient(transport=faulty, base_url="http://partner")
-    st = Stack(app, http, partner, faulty, scale)
-    async with http, partner_http, partner, app.router.lifespan_context(app):
-        await anyio.lowlevel.checkpoint()
+    async with service_stack(
+        settings,
+        config.replace(time_scale=scale),
+        storage=storage,
+        partner_transport=Faulty,
+        stack_type=Stack,
+    ) as st:
+        assert isinstance(st, Stack)
         yield st
 
 
@@ -171,7 +144,7 @@ async def settle_and_check(st: Stack, ids: list[str], limit: float = 1_500.0) ->
                     finals[payout_id] = status
                     break
         # Outbox delivery trails the final status a little.
-        while not all(st.pushes.get(i) for i in ids):  # noqa: ASYNC110 - polled, like the rest
+        while not all(st.pushed(i) for i in ids):  # noqa: ASYNC110 - polled, like the rest
             await anyio.sleep(step)
     truth = st.partner.truth()["transactions"]
     expected = {
@@ -181,7 +154,7 @@ async def settle_and_check(st: Stack, ids: list[str], limit: float = 1_500.0) ->
     assert st.partner.stats()["double_payments"] == []
     assert not any(truth.get(i, {}).get("double_payment") for i in ids)
     # One final status per transfer, and every push (repeats allowed) says exactly that.
-    assert {i: set(st.pushes[i]) for i in ids} == {i: {finals[i]} for i in ids}
+    assert {i: set(st.pushed(i)) for i in ids} == {i: {finals[i]} for i in ids}
     assert st.client.stats.conflicts == 0
     return finals
 
@@ -276,7 +249,7 @@ class TestPartnerFaults:
             st.push_down = False
             finals = await settle_and_check(st, ids)
         assert finals == finals_before  # decided during the outage, delivered unchanged after
-        assert all(len(st.pushes[i]) == 1 for i in ids)
+        assert all(len(st.pushed(i)) == 1 for i in ids)
 
 
 # -- storage outages, on real time -----------------------------------------------------------

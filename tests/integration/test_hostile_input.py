@@ -17,12 +17,13 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from resilient_payout import CallbackNotifier, HttpPartner, PayoutClient, PayoutStatus
-from resilient_payout.fastapi import PROBLEM_TYPE_PREFIX, ServiceSettings, create_app
+from resilient_payout import CallbackNotifier, PayoutClient, PayoutStatus
+from resilient_payout.service import PROBLEM_TYPE_PREFIX, ServiceSettings, create_app
 from resilient_payout.storage.memory import MemoryStorage
 from resilient_payout.testing import VIRTUAL_TIME_BACKEND, FakePartner
-from resilient_payout.testing.mock_partner import MockPartner, MockPartnerConfig
+from resilient_payout.testing.mock_partner import MockPartnerConfig
 from resilient_payout.webhooks import sign_webhook
+from tests.integration.conftest import service_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -343,31 +344,11 @@ async def test_the_mock_partner_signs_and_the_service_verifies_end_to_end() -> N
         seed=3, p_timeout=0.0, p_webhook=1.0, p_completed=1.0, webhook_secret=SECRET,
         answer_delay_min=60, answer_delay_max=60, webhook_delay_min=1, webhook_delay_max=1,
     )  # fmt: skip
-    partner_http: httpx.AsyncClient | None = None
-
-    def factory(s: ServiceSettings) -> PayoutClient:
-        assert partner_http is not None
-        return PayoutClient(
-            storage=MemoryStorage(),
-            partner=HttpPartner("http://partner", client=partner_http, policy=s.policy()),
-            webhook_url=s.webhook_url,
-            policy=s.policy(),
-            webhook_verifier=s.webhook_verifier(),
-        )
-
-    app = create_app(settings, client_factory=factory)
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service")
-    partner = MockPartner(config, webhook_client=http)
-    partner_http = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=partner.app), base_url="http://partner"
-    )
-    async with http, partner_http, partner, app.router.lifespan_context(app):
-        await anyio.lowlevel.checkpoint()
-        await http.post("/transaction", json={"id": "e2e-signed"})
+    async with service_stack(settings, config, notify=False, verify_webhooks=True) as st:
+        await st.http.post("/transaction", json={"id": "e2e-signed"})
         await anyio.sleep(5)  # the webhook (1 s) settles it long before the answer (60 s)
-        settled = await http.get("/transaction/e2e-signed")
-        client = app.state.payout_client
+        settled = await st.http.get("/transaction/e2e-signed")
         assert settled.json() == {"id": "e2e-signed", "status": "completed"}
-        assert client.stats.webhooks == 1
-        assert client.stats.webhooks_rejected == {}
-        assert partner.stats()["webhooks_failed"] == 0
+        assert st.client.stats.webhooks == 1
+        assert st.client.stats.webhooks_rejected == {}
+        assert st.partner.stats()["webhooks_failed"] == 0

@@ -24,7 +24,6 @@ import socket
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ import anyio
 import httpx
 import pytest
 import redis.asyncio as aioredis
-import uvicorn
 from rich.console import Console
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -41,7 +39,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from resilient_payout import cli
+from resilient_payout.cli._procs import (
+    LOOPBACK,
+    Child,
+    no_proxy_for_loopback,
+    signal_group,
+    spawn,
+    wait_ready,
+)
 from resilient_payout.fastapi import ServiceSettings
+from resilient_payout.testing._server import embedded_server, listen
 from tests.contract.conftest import delete_prefix, drop_schema, fresh_prefix, server_url
 
 SCALE = 0.04
@@ -65,7 +72,7 @@ _console = Console(stderr=True, highlight=False)
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind((cli.LOOPBACK, 0))
+        s.bind((LOOPBACK, 0))
         port: int = s.getsockname()[1]
     return port
 
@@ -148,23 +155,6 @@ class _Hub:
         )
 
 
-@contextlib.asynccontextmanager
-async def _serving(app: Starlette, port: int) -> AsyncIterator[None]:
-    server = uvicorn.Server(
-        uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
-    )
-    sock = cli._listen(cli.LOOPBACK, port)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
-        while not server.started:  # noqa: ASYNC110 - uvicorn has no startup event to wait on
-            await anyio.sleep(0.01)
-        try:
-            yield
-        finally:
-            server.should_exit = True
-    sock.close()
-
-
 @dataclass
 class _Driver:
     """The app: posts transfers to random instances (retrying elsewhere if one is down)."""
@@ -223,20 +213,20 @@ class _Driver:
 
 def _spawn_instance(
     workdir: Path, index: int, port: int, partner_url: str, hub_url: str, env: dict[str, str]
-) -> cli._Child:
+) -> Child:
     args = [
         "serve",
-        *("--host", cli.LOOPBACK, "--port", str(port), "--log-level", "warning"),
+        *("--host", LOOPBACK, "--port", str(port), "--log-level", "warning"),
         *("--partner-url", partner_url, "--public-url", hub_url, "--client-url", hub_url),
         *("--time-scale", str(SCALE), "--check-rate", str(CHECK_RATE)),
         *("--check-burst", str(CHECK_BURST)),
     ]
-    ready = f"http://{cli.LOOPBACK}:{port}/healthz"
-    return cli._spawn(f"instance {index}", args, workdir / f"instance{index}.log", ready, env)
+    ready = f"http://{LOOPBACK}:{port}/healthz"
+    return spawn(f"instance {index}", args, workdir / f"instance{index}.log", ready, env)
 
 
-async def _wait_ready(children: list[cli._Child]) -> None:
-    ready = await anyio.to_thread.run_sync(cli._wait_ready, children, _console)
+async def _wait_ready(children: list[Child]) -> None:
+    ready = await anyio.to_thread.run_sync(wait_ready, children, _console)
     assert ready, "a process did not start (its log's tail is above)"
 
 
@@ -246,12 +236,12 @@ async def _run(storage_url: str, budget_url: str, budget_key: str, tmp_path: Pat
     run = uuid.uuid4().hex[:8]
     partner_port, hub_port = _free_port(), _free_port()
     ports = [_free_port() for _ in range(INSTANCES)]
-    partner_url = f"http://{cli.LOOPBACK}:{partner_port}"
-    hub_url = f"http://{cli.LOOPBACK}:{hub_port}"
-    urls = [f"http://{cli.LOOPBACK}:{p}" for p in ports]
+    partner_url = f"http://{LOOPBACK}:{partner_port}"
+    hub_url = f"http://{LOOPBACK}:{hub_port}"
+    urls = [f"http://{LOOPBACK}:{p}" for p in ports]
     env = {
         **os.environ,
-        **cli._no_proxy_for_loopback(),
+        **no_proxy_for_loopback(),
         "PYTHONUNBUFFERED": "1",
         "RP_STORAGE_URL": storage_url,
         "RP_BUDGET_URL": budget_url,
@@ -261,16 +251,16 @@ async def _run(storage_url: str, budget_url: str, budget_key: str, tmp_path: Pat
         "RP_PARTNER_WEBHOOK_SECRET": secret,
     }
     hub = _Hub(urls)
-    children: list[cli._Child] = []
+    children: list[Child] = []
     started = time.monotonic()
     try:
         partner_args = [
             "mock-partner",
-            *("--host", cli.LOOPBACK, "--port", str(partner_port), "--seed", run),
+            *("--host", LOOPBACK, "--port", str(partner_port), "--seed", run),
             *("--time-scale", str(SCALE), "--log-level", "warning"),
         ]
         children.append(
-            cli._spawn(
+            spawn(
                 "mock partner",
                 partner_args,
                 tmp_path / "partner.log",
@@ -281,7 +271,7 @@ async def _run(storage_url: str, budget_url: str, budget_key: str, tmp_path: Pat
         for i, port in enumerate(ports):
             children.append(_spawn_instance(tmp_path, i, port, partner_url, hub_url, env))
         async with (
-            _serving(hub.app(), hub_port),
+            embedded_server(hub.app(), listen(LOOPBACK, hub_port)),
             httpx.AsyncClient(
                 timeout=10.0, trust_env=False, limits=httpx.Limits(max_connections=200)
             ) as http,
@@ -295,7 +285,7 @@ async def _run(storage_url: str, budget_url: str, budget_key: str, tmp_path: Pat
 
             async def crash_and_restart() -> None:
                 victim = children[1]  # instance 0
-                cli._signal_group(victim, signal.SIGKILL)
+                signal_group(victim.proc, signal.SIGKILL)
                 await anyio.to_thread.run_sync(victim.proc.wait)
                 t0 = time.monotonic()
                 children[1] = _spawn_instance(tmp_path, 0, ports[0], partner_url, hub_url, env)
@@ -384,7 +374,7 @@ async def _run(storage_url: str, budget_url: str, budget_key: str, tmp_path: Pat
     finally:
         await hub.http.aclose()
         for child in children:
-            cli._signal_group(child, signal.SIGKILL)
+            signal_group(child.proc, signal.SIGKILL)
             with contextlib.suppress(Exception):
                 child.proc.wait(5)
 

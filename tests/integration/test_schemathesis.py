@@ -25,7 +25,7 @@ from schemathesis.checks import (  # noqa: E402
 from schemathesis.python.asgi import shutdown_lifespans  # noqa: E402
 
 from resilient_payout import PayoutClient  # noqa: E402
-from resilient_payout.fastapi import ServiceSettings, create_app  # noqa: E402
+from resilient_payout.service import ServiceSettings, create_app  # noqa: E402
 from resilient_payout.storage.memory import MemoryStorage  # noqa: E402
 from resilient_payout.testing import FakePartner  # noqa: E402
 

@@ -1,34 +1,25 @@
-"""The example service's HTTP contract, in process on virtual time.
-
-The service app and the mock partner talk through ``httpx.ASGITransport`` both ways (our POSTs and
-checks to the partner, its webhooks to us); pushes to the app are captured by a CallbackNotifier.
-"""
+"""The example service's HTTP contract, in process on virtual time (the stack: conftest.py)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import httpx
 import pytest
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from resilient_payout import (
-    CallbackNotifier,
-    HttpPartner,
-    PayoutClient,
-    PayoutStatus,
-    StorageUnavailable,
-)
-from resilient_payout.fastapi import PROBLEM_TYPE_PREFIX, ServiceSettings, create_app
+import resilient_payout.fastapi
+import resilient_payout.service
+from resilient_payout import PayoutClient, StorageUnavailable
+from resilient_payout.service import PROBLEM_TYPE_PREFIX, ServiceSettings, create_app
 from resilient_payout.storage.memory import MemoryStorage
 from resilient_payout.testing import VIRTUAL_TIME_BACKEND, FakePartner
-from resilient_payout.testing.mock_partner import MockPartner, MockPartnerConfig
+from resilient_payout.testing.mock_partner import MockPartnerConfig
+from tests.integration.conftest import ServiceStack, service_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -42,42 +33,12 @@ def anyio_backend() -> Any:
     return VIRTUAL_TIME_BACKEND
 
 
-@dataclass
-class Service:
-    app: FastAPI
-    http: httpx.AsyncClient
-    partner: MockPartner
-    pushes: list[tuple[str, str]] = field(default_factory=list)
-
-    async def push(self, payout_id: str, status: PayoutStatus) -> None:
-        self.pushes.append((payout_id, status.value))
-
-
 @asynccontextmanager
-async def running(config: MockPartnerConfig = QUIET, **settings: Any) -> AsyncIterator[Service]:
+async def running(
+    config: MockPartnerConfig = QUIET, **settings: Any
+) -> AsyncIterator[ServiceStack]:
     cfg = ServiceSettings(storage_url="memory://", public_url="http://service", **settings)
-    partner_http: httpx.AsyncClient | None = None
-
-    def factory(s: ServiceSettings) -> PayoutClient:
-        assert partner_http is not None
-        return PayoutClient(
-            storage=MemoryStorage(),
-            partner=HttpPartner("http://partner", client=partner_http, policy=s.policy()),
-            webhook_url=s.webhook_url,
-            notifier=CallbackNotifier(svc.push),
-            policy=s.policy(),
-        )
-
-    app = create_app(cfg, client_factory=factory)
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service")
-    partner = MockPartner(config, webhook_client=http)
-    partner_http = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=partner.app), base_url="http://partner"
-    )
-    svc = Service(app, http, partner)
-    async with http, partner_http, partner, app.router.lifespan_context(app):
-        # PayoutClient raises ClientNotRunning from its loops if left before they ever ran.
-        await anyio.lowlevel.checkpoint()
+    async with service_stack(cfg, config) as svc:
         yield svc
 
 
@@ -410,3 +371,9 @@ async def test_storage_trouble_is_503_with_retry_after_and_a_bug_is_a_bare_500(
     assert_problem(response, status, slug, "/transaction/any")
     assert "secret" not in response.text
     assert ("retry-after" in response.headers) == (status == 503)
+
+
+def test_the_former_module_reexports_the_service() -> None:
+    old, new = resilient_payout.fastapi, resilient_payout.service
+    assert old.__all__ == new.__all__
+    assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)

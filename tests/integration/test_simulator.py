@@ -578,7 +578,6 @@ async def test_standalone_receiver_over_real_sockets() -> None:
 
 
 async def test_a_push_cut_off_by_a_dying_service_is_neither_an_error_nor_counted() -> None:
-    sim = Simulator(config())
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -600,7 +599,11 @@ async def test_a_push_cut_off_by_a_dying_service_is_neither_an_error_nor_counted
         "client": ("127.0.0.1", 50000),
         "root_path": "",
     }
-    await sim.receiver_app(scope, receive, send)
+    async with world_and_simulator(config()) as (_, simulator):
+        await simulator.receiver_app(scope, receive, send)
+        report = await simulator.run()
+
     assert sent[0]["status"] == 499
-    assert sim._count.pushes_received == 0
-    assert sim._count.pushes_rejected == 0
+    # Only the world's own 12 pushes are counted: the cut-off one is neither received nor rejected.
+    assert (report.pushes_received, report.pushes_rejected) == (12, 0)
+    assert report.ok

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from resilient_payout import Policy
-from resilient_payout.fastapi import ENV_VARS, ServiceSettings
+from resilient_payout.service import ENV_VARS, ServiceSettings
 
 
 def test_defaults_are_the_scenarios_ports_and_an_empty_variable_means_the_default() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from resilient_payout import WebhookRejected
-from resilient_payout.testing.mock_partner import _sign as mock_sign
+from resilient_payout.testing.mock_partner._signing import sign as mock_sign
 from resilient_payout.webhooks import (
     InMemoryReplayStore,
     RejectReason,

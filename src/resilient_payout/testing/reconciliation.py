@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from .._policy import Policy
 from ..notify import CallbackNotifier
 from ..storage.memory import MemoryStorage
 from ._fake_partner import FakePartner
+from ._stats import percentile as _percentile
 from ._vtime import run_virtual
 
 __all__ = ["Profile", "Report", "add_arguments", "main", "render", "run_from_args", "simulate"]
@@ -104,13 +104,6 @@ class Report:
             "late-landing p50 <= 1.25x bound": self.p50_over_bound <= 1.25,
             ">= 95% resolved with zero checks": self.zero_check_share >= 0.95,
         }
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def _max_in_window(times: list[float], width: float) -> int:

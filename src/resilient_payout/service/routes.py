@@ -1,0 +1,213 @@
+"""The service's routes, each a thin call into the client:
+
+=============================  ====================================================================
+route                          what it does
+=============================  ====================================================================
+``POST /transaction``          submit ``{"id", ...}``; answers at once ``{"id", "status"}``;
+                               ``Prefer: wait=N`` holds the answer up to N s for a final status
+``GET /transaction/{id}``      the payout's app-facing status; ``?wait=N`` long-polls
+``POST /webhook``              the partner's webhook (never creates a payout)
+``GET /healthz``               ``{"status": "ok"}``, 503 while the client is not running
+``GET /metrics``               Prometheus text format
+=============================  ====================================================================
+
+The app sees ``pending`` for every non-final status, else ``completed``, ``declined`` or
+``failed``.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at runtime,
+# and the transaction body's dependency is a local (its limit comes from the settings).
+import re
+from typing import Annotated, Final
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .._errors import InvalidRequest, InvalidWebhook
+from .._model import PayoutRequest
+from .deps import RunningClient, prefer_wait, read_capped, running_client, transaction_body
+from .metrics import Metrics
+from .problems import ProblemRaised, problem_docs
+from .schemas import Health, PartnerWebhook, TransactionStatus, view
+from .settings import ServiceSettings
+
+__all__ = ["build_router"]
+
+_UUID_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def build_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
+    """The routes, with the limits of ``settings``; ``/metrics`` renders ``metrics``."""
+    router = APIRouter()
+    _add_submit(router, settings)
+    _add_get(router, settings)
+    _add_webhook(router, settings)
+    _add_health(router)
+    _add_metrics(router, metrics)
+    return router
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") or "0"
+
+
+def _check_policy(body: PayoutRequest, settings: ServiceSettings) -> None:
+    """The id format and unknown-fields policies (the model already enforces ``token``)."""
+    if settings.id_format == "uuid" and not _UUID_ID.fullmatch(body.id):
+        raise InvalidRequest("id: must be a lowercase canonical UUID (RP_ID_FORMAT=uuid)")
+    if settings.extra_fields == "forbid" and body.model_extra:
+        # Only a count: field names are input too, and input is never echoed.
+        raise InvalidRequest(
+            f"{len(body.model_extra)} unknown field(s); only 'id' is accepted "
+            "(RP_EXTRA_FIELDS=forbid)"
+        )
+
+
+def _add_submit(router: APIRouter, settings: ServiceSettings) -> None:
+    max_wait = settings.max_wait
+    body_dep = Depends(transaction_body(settings.max_transaction_body))
+
+    @router.post(
+        "/transaction",
+        response_model=TransactionStatus,
+        operation_id="submitTransaction",
+        summary="Submit a transfer (idempotent on its id)",
+        responses={
+            200: {
+                "description": "The payout as it stands (a repeat gets the same transaction)",
+                "headers": {
+                    "Preference-Applied": {
+                        "description": "`wait=N` when a `Prefer: wait` was honoured",
+                        "schema": {"type": "string"},
+                    }
+                },
+            },
+            **problem_docs(400, 409, 413, 422, 500, 503),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PayoutRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def submit_transaction(
+        request: Request,
+        response: Response,
+        # Before the client's: a bad body is a 4xx even while the client is not running.
+        body: Annotated[PayoutRequest, body_dep],
+        client: RunningClient,
+        prefer: str | None = Header(
+            default=None,
+            alias="Prefer",
+            description=(
+                "RFC 7240 `wait=N`: hold the answer up to N seconds (capped at "
+                f"{_fmt_seconds(max_wait)}) for a final status. Without it the answer never "
+                "waits on the partner."
+            ),
+            examples=["wait=5"],
+        ),
+    ) -> TransactionStatus:
+        _check_policy(body, settings)
+        payout = (await client.submit(body)).payout
+        wait = prefer_wait(request.headers.getlist("prefer"))
+        if wait is not None:
+            applied = min(wait, max_wait)
+            response.headers["Preference-Applied"] = f"wait={_fmt_seconds(applied)}"
+            if not payout.is_final and applied > 0:
+                payout = await client.wait_final(payout.id, applied)
+        return view(payout)
+
+
+def _add_get(router: APIRouter, settings: ServiceSettings) -> None:
+    @router.get(
+        "/transaction/{payout_id}",
+        response_model=TransactionStatus,
+        operation_id="getTransaction",
+        summary="A payout's status, optionally waiting for a final one",
+        responses={
+            200: {"description": "The payout as it stands"},
+            **problem_docs(404, 422, 500, 503),
+        },
+    )
+    async def get_transaction(
+        request: Request,
+        payout_id: str = Path(description="the app's id of the transfer"),
+        wait: float | None = Query(
+            default=None,
+            ge=0,
+            le=settings.max_wait,
+            allow_inf_nan=False,
+            description="Seconds to wait for a final status (long poll); answers at once if final",
+        ),
+    ) -> TransactionStatus:
+        # Not a dependency: FastAPI runs those before it validates `wait`, and a bad `wait` must
+        # stay a 422 while the client is not running.
+        client = await running_client(request)
+        if wait:
+            return view(await client.wait_final(payout_id, wait))
+        return view(await client.get(payout_id))
+
+
+def _add_webhook(router: APIRouter, settings: ServiceSettings) -> None:
+    @router.post(
+        "/webhook",
+        response_model=TransactionStatus,
+        operation_id="partnerWebhook",
+        summary="The partner's webhook `{id, status}`",
+        responses={
+            200: {"description": "Applied (or a no-op repeat); the payout as the app sees it"},
+            **problem_docs(400, 401, 404, 409, 413, 422, 500, 503),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PartnerWebhook.model_json_schema()}},
+            }
+        },
+    )
+    async def partner_webhook(request: Request, client: RunningClient) -> TransactionStatus:
+        body = await read_capped(request, settings.max_webhook_body)
+        try:
+            # The client checks authenticity first, over the raw bytes and the headers, and
+            # counts rejections: an unsigned sender learns nothing about the body it sent.
+            payout = await client.handle_webhook(body, request.headers)
+        except InvalidWebhook as exc:
+            if isinstance(exc.__cause__, ValueError):  # parse_webhook: not JSON at all
+                raise ProblemRaised(
+                    400, "malformed-json", "Malformed JSON", "the webhook body is not valid JSON"
+                ) from None
+            raise
+        return view(payout)
+
+
+def _add_health(router: APIRouter) -> None:
+    @router.get(
+        "/healthz",
+        response_model=Health,
+        operation_id="healthz",
+        summary="Liveness: the payout client is running",
+        responses={200: {"description": "Running"}, **problem_docs(503)},
+        dependencies=[Depends(running_client)],
+    )
+    async def healthz() -> Health:
+        return Health()
+
+
+def _add_metrics(router: APIRouter, metrics: Metrics) -> None:
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        operation_id="metrics",
+        summary="Prometheus metrics",
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            },
+            **problem_docs(500),
+        },
+    )
+    async def scrape() -> Response:
+        return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,88 @@
+"""The JSON bodies the service answers with (and the webhook body it documents).
+
+Class names and docstrings are part of the OpenAPI document: they are its component names and
+descriptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .._model import Payout, PayoutStatus
+
+__all__ = [
+    "PROBLEM_TYPE_PREFIX",
+    "AppStatus",
+    "Health",
+    "PartnerWebhook",
+    "Problem",
+    "ProblemFieldError",
+    "TransactionStatus",
+    "view",
+]
+
+PROBLEM_TYPE_PREFIX: Final = "tag:resilient-payout,2025:problem:"
+"""Our problem types are ``PROBLEM_TYPE_PREFIX + slug`` (tag URIs: names, not web pages)."""
+
+AppStatus = Literal["pending", "completed", "declined", "failed"]
+_APP_STATUS: Final[Mapping[PayoutStatus, AppStatus]] = {
+    PayoutStatus.RECEIVED: "pending",
+    PayoutStatus.SUBMITTING: "pending",
+    PayoutStatus.AWAITING: "pending",
+    PayoutStatus.UNKNOWN: "pending",
+    PayoutStatus.COMPLETED: "completed",
+    PayoutStatus.DECLINED: "declined",
+    PayoutStatus.FAILED: "failed",
+}
+
+
+class TransactionStatus(BaseModel):
+    """A payout as the app sees it."""
+
+    id: str
+    status: AppStatus = Field(description="`pending` until final")
+
+
+def view(payout: Payout) -> TransactionStatus:
+    """``payout`` as the app sees it: ``pending`` until final."""
+    return TransactionStatus(id=payout.id, status=_APP_STATUS.get(payout.status, "pending"))
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ProblemFieldError(BaseModel):
+    """One validation error (the offending input is never echoed)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem details object (``application/problem+json``)."""
+
+    type: str = Field(
+        default="about:blank",
+        description=f"`about:blank` for plain HTTP errors, else `{PROBLEM_TYPE_PREFIX}<slug>`",
+    )
+    title: str
+    status: int
+    detail: str
+    instance: str = Field(description="the request path")
+    errors: list[ProblemFieldError] | None = Field(
+        default=None, description="validation errors (422 only)"
+    )
+
+
+# Documents ``POST /webhook`` only: the client parses the body itself, after authenticating it.
+# No docstring (it would become the schema's description); the title is the one it always had.
+class PartnerWebhook(BaseModel):
+    model_config = ConfigDict(title="_PartnerWebhook")
+
+    id: str
+    status: Literal["pending", "completed", "declined"]
