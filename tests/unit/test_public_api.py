@@ -119,12 +119,18 @@ def _defined_in(obj: object, modname: str) -> bool | None:
     return getattr(obj, "__module__", None) == modname
 
 
+_SHIMS = {f"{_PKG}.fastapi": f"{_PKG}.service"}
+"""Modules that only re-export a newer public home, so that old imports keep working."""
+
+
 def _deliberate_reexport(obj: object, modname: str, name: str, ispkg: bool) -> bool:
     origin: str = getattr(obj, "__module__", "") or ""
     if name in _REEXPORTS.get(modname, set()):
         return True
     if ispkg and origin.startswith(f"{modname}."):
         return True  # a package exporting its own submodules' names
+    if modname in _SHIMS and origin.startswith(_SHIMS[modname]):
+        return True  # an old import path kept working by re-exporting its new home
     parts = origin.split(".")
     return parts[0] == _PKG and any(p.startswith("_") for p in parts[1:])
 
