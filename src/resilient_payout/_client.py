@@ -10,9 +10,10 @@ up whatever a dead one left.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Self
 
@@ -406,17 +407,24 @@ class PayoutClient:
             self.stats.hook_errors += 1
             log.exception("payout %s: the on_conflict hook raised", payout.id)
 
+    @contextlib.contextmanager
+    def guard(self, payout_id: str, doing: str) -> Iterator[None]:
+        """Background work never kills the client: a failure is logged, and the work is due
+        again later (its lease runs out; ``next_check_at`` was not moved)."""
+        try:
+            yield
+        except StorageError as exc:
+            self.stats.work_errors += 1
+            log.warning("payout %s: storage error %s, will retry: %s", payout_id, doing, exc)
+        except Exception:
+            self.stats.work_errors += 1
+            log.exception("payout %s: unexpected error %s", payout_id, doing)
+
     async def _run_guarded(self, payout: Payout, event: Event) -> None:
-        """Background work never kills the client: a failure is logged and retried later."""
         async with self.limiter:
             try:
-                await self._apply(payout, event)
-            except StorageError as exc:
-                self.stats.work_errors += 1
-                log.warning("payout %s: storage error, will retry: %s", payout.id, exc)
-            except Exception:
-                self.stats.work_errors += 1
-                log.exception("payout %s: unexpected error in background work", payout.id)
+                with self.guard(payout.id, "in background work"):
+                    await self._apply(payout, event)
             finally:
                 if payout.id not in self.checks:  # a queued check releases it when done
                     self.due.done(payout.id)

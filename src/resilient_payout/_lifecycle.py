@@ -355,7 +355,14 @@ def _after_final(p: Payout, event: Event, now: float) -> Decision:
     if reported is None or reported is p.status:
         return Decision(p)  # a repeat, or no news: nothing to write
     detail = f"{cause.value} reported {reported.value} after final {p.status.value}"
-    entry = AuditEntry(now, cause, "conflict", p.status, p.status, detail, conflict=True)
+    return _conflict(p, now, reported, cause, "conflict", detail)
+
+
+def _conflict(
+    p: Payout, now: float, reported: PayoutStatus, cause: Cause, event: str, detail: str
+) -> Decision:
+    """Record a report that contradicts what we hold (never applied) and raise it for a human."""
+    entry = AuditEntry(now, cause, event, p.status, p.status, detail, conflict=True)
     new = replace(p, updated_at=now, audit=(*p.audit, entry))
     return Decision(new, (ConflictDetected(reported, cause, detail),))
 
@@ -511,11 +518,7 @@ def _not_found_after_pending(p: Payout, now: float, policy: Policy) -> Decision:
     if any(a.event == _NOT_FOUND_AFTER_PENDING for a in p.audit):
         return Decision(scheduled)
     detail = "partner answered 404 for a transfer it had acknowledged as pending"
-    entry = AuditEntry(
-        now, Cause.STATUS_CHECK, _NOT_FOUND_AFTER_PENDING, p.status, p.status, detail, conflict=True
-    )
-    flagged = replace(scheduled, audit=(*p.audit, entry))
-    return Decision(flagged, (ConflictDetected(S.FAILED, Cause.STATUS_CHECK, detail),))
+    return _conflict(scheduled, now, S.FAILED, Cause.STATUS_CHECK, _NOT_FOUND_AFTER_PENDING, detail)
 
 
 def _absent(p: Payout, now: float, policy: Policy) -> Decision:

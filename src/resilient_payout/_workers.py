@@ -132,29 +132,27 @@ class CheckScheduler:
     async def _check(self, payout: Payout) -> None:
         client = self._client
         try:
-            fresh = await client.storage.get(payout.id)
-            if fresh is None or fresh.status not in _OPEN or fresh.attempt != payout.attempt:
-                client.stats.checks_skipped += 1
-                return
-            self._count()
-            sent_at = client.clock.now()
-            try:
-                outcome = await client.partner.check(fresh.id)
-            except Exception as exc:
-                log.exception("payout %s: the partner's check raised", payout.id)
-                outcome = CheckFailed(f"partner adapter raised {type(exc).__name__}")
-            if isinstance(outcome, RateLimited):
-                await self._pause(payout.id, outcome.retry_after)
-            await client._apply(fresh, StatusChecked(fresh.attempt, outcome, sent_at=sent_at))
-        except StorageError as exc:
-            client.stats.work_errors += 1
-            log.warning("payout %s: storage error during a check, will retry: %s", payout.id, exc)
-        except Exception:
-            # Background work never kills the client (and with it every other payout).
-            client.stats.work_errors += 1
-            log.exception("payout %s: unexpected error during a check", payout.id)
+            with client.guard(payout.id, "during a check"):
+                await self._check_once(payout)
         finally:
             client.due.done(payout.id)
+
+    async def _check_once(self, payout: Payout) -> None:
+        client = self._client
+        fresh = await client.storage.get(payout.id)
+        if fresh is None or fresh.status not in _OPEN or fresh.attempt != payout.attempt:
+            client.stats.checks_skipped += 1
+            return
+        self._count()
+        sent_at = client.clock.now()  # before the GET: a 404 is judged by when it left
+        try:
+            outcome = await client.partner.check(fresh.id)
+        except Exception as exc:
+            log.exception("payout %s: the partner's check raised", payout.id)
+            outcome = CheckFailed(f"partner adapter raised {type(exc).__name__}")
+        if isinstance(outcome, RateLimited):
+            await self._pause(payout.id, outcome.retry_after)
+        await client._apply(fresh, StatusChecked(fresh.attempt, outcome, sent_at=sent_at))
 
     async def _pause(self, payout_id: str, retry_after: float | None) -> None:
         client = self._client
@@ -214,20 +212,18 @@ class OutboxWork:
 
     async def _deliver(self, entry: OutboxEntry) -> None:
         client = self._client
+        # A failed round leaves the entry leased: it comes back when the lease runs out.
         async with client.limiter:
-            try:
+            with client.guard(entry.payout_id, "pushing its outcome"):
                 ok = await deliver_with_retries(
                     self._notifier, entry.payout_id, entry.status, client.policy
                 )
                 if ok:
                     client.stats.notifications_delivered += 1
-                    await client.storage.ack_outbox(
-                        entry.payout_id, delivered_at=client.clock.now()
-                    )
+                    now = client.clock.now()
+                    await client.storage.ack_outbox(entry.payout_id, delivered_at=now)
                 else:
                     await self._refused(entry)
-            except StorageError as exc:
-                log.warning("outbox %s: storage error, will retry: %s", entry.payout_id, exc)
 
     async def _refused(self, entry: OutboxEntry) -> None:
         client = self._client
