@@ -4,28 +4,7 @@ and existing imports keep working)."""
 
 from __future__ import annotations
 
-from .service import (
-    ENV_VARS,
-    PROBLEM_TYPE_PREFIX,
-    ClientFactory,
-    Health,
-    Problem,
-    ProblemFieldError,
-    ServiceSettings,
-    TransactionStatus,
-    create_app,
-    open_client,
-)
+from . import service
+from .service import *  # noqa: F403 - the whole public API of the new home, by definition
 
-__all__ = [
-    "ENV_VARS",
-    "PROBLEM_TYPE_PREFIX",
-    "ClientFactory",
-    "Health",
-    "Problem",
-    "ProblemFieldError",
-    "ServiceSettings",
-    "TransactionStatus",
-    "create_app",
-    "open_client",
-]
+__all__ = service.__all__

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import Any, Literal, Protocol, Self, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
 import httpx
@@ -27,6 +26,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from ._closing import AsyncClosing
 from ._errors import NotificationFailed
 from ._http import AiohttpClient, TransportError
 from ._model import PayoutStatus
@@ -58,7 +58,7 @@ class Notifier(Protocol):
         ...
 
 
-class HttpNotifier:
+class HttpNotifier(AsyncClosing):
     """``PUT {url}`` with ``{"id", "status"}`` (``body="flat"``) or ``{"status": {"id",
     "status"}}`` (``body="nested"``, what the historic client parses). Any 2xx acknowledges.
 
@@ -126,17 +126,6 @@ class HttpNotifier:
         """Close the connection pool if this notifier created it."""
         if self._own is not None:
             await self._own.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class CallbackNotifier:

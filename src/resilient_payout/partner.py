@@ -28,12 +28,12 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Final, Protocol, Self, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import httpx
 
+from ._closing import AsyncClosing
 from ._http import MAX_BODY, AiohttpClient, Answer, TransportError
 from ._model import (
     Accepted,
@@ -93,7 +93,7 @@ class Partner(Protocol):
         ...
 
 
-class HttpPartner:
+class HttpPartner(AsyncClosing):
     """The partner over HTTP, classifying every answer as the module table says.
 
     Without ``client`` it owns an aiohttp connection pool sized for thousands of slow concurrent
@@ -138,17 +138,6 @@ class HttpPartner:
         """Close the connection pool if this partner created it."""
         if self._own is not None:
             await self._own.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def submit(self, payout_id: str, webhook_url: str) -> SubmitOutcome:
         """POST ``{base}/transaction`` and classify the result; never raises for the partner."""

@@ -69,7 +69,10 @@ _PKG = "resilient_payout"
 # Names a module's __all__ may list although defined elsewhere: deliberate re-exports from a
 # public module (re-exports from a private ``_`` module, or a package's own submodules, are
 # recognised without an entry).
-_REEXPORTS: dict[str, set[str]] = {}
+_REEXPORTS: dict[str, set[str]] = {
+    # Its old home: RedisCheckBudget moved to resilient_payout.reconcile.redis.
+    f"{_PKG}.storage.redis": {"RedisCheckBudget"},
+}
 
 # Public classes/functions a module defines but deliberately leaves out of its __all__, each
 # with the reason. Known failures in modules outside this change's scope live here too.

@@ -24,7 +24,7 @@ def _budget(settings: ServiceSettings, policy: Policy) -> AbstractAsyncContextMa
     """The shared Redis check budget (closed on exit), or None for the client's local one."""
     if not settings.budget_url:
         return nullcontext(None)
-    from ..storage.redis import RedisCheckBudget
+    from ..reconcile.redis import RedisCheckBudget
 
     # The policy's rate is already scaled: every instance must agree on it, as on the key.
     return RedisCheckBudget(

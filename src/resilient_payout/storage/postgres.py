@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import re
-from collections.abc import Iterator
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -37,6 +35,7 @@ import asyncpg
 from .._errors import ConfigurationError, StorageError, StorageUnavailable
 from .._model import OutboxEntry, Payout, PayoutStatus
 from .._urls import redact_url as _redacted
+from ._codec import decode_outbox, decode_payout, encode_payout, outbox_values, translated
 
 __all__ = ["MIGRATIONS", "PostgresStorage"]
 
@@ -246,44 +245,8 @@ _CONNECTION_LOST: Final = (
 )
 
 
-def _encode(payout: Payout) -> str:
-    d = payout.to_dict()
-    del d["version"]  # the column is authoritative: claims bump it in SQL
-    return json.dumps(d, separators=(",", ":"))
-
-
-def _decode(version: int, doc: str) -> Payout:
-    d = json.loads(doc)
-    d["version"] = version
-    return Payout.from_dict(d)
-
-
-def _outbox_from_row(row: asyncpg.Record) -> OutboxEntry:
-    (payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error, dead) = (
-        tuple(row)
-    )
-    return OutboxEntry(
-        payout_id=payout_id,
-        status=PayoutStatus(status),
-        created_at=created_at,
-        next_attempt_at=next_attempt_at,
-        attempts=attempts,
-        delivered_at=delivered_at,
-        last_error=last_error,
-        dead_at=dead,
-    )
-
-
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    try:
-        yield
-    except StorageError:
-        raise
-    except _UNAVAILABLE as exc:
-        raise StorageUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise StorageError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+def _translated() -> contextlib.AbstractContextManager[None]:
+    return translated("PostgreSQL", _UNAVAILABLE, (asyncpg.PostgresError, asyncpg.InterfaceError))
 
 
 def _lock_key(schema: str) -> int:
@@ -554,40 +517,30 @@ class PostgresStorage:
     # -- the contract -------------------------------------------------------------------------
 
     async def create_if_absent(self, payout: Payout) -> tuple[Payout, bool]:
-        doc = _encode(payout)
+        doc = encode_payout(payout)
         if await self._fetch("create", payout.id, payout.status.value, payout.next_check_at, doc):
-            return _decode(1, doc), True
+            return decode_payout(1, doc), True
         # A separate statement, so it runs on a snapshot that includes the conflicting insert
         # (which had to commit before ours could see the conflict). Rows are never deleted.
         ((version, existing),) = await self._fetch("get", payout.id)
-        return _decode(version, existing), False
+        return decode_payout(version, existing), False
 
     async def get(self, payout_id: str) -> Payout | None:
         rows = await self._fetch("get", payout_id)
-        return _decode(*rows[0]) if rows else None
+        return decode_payout(*rows[0]) if rows else None
 
     async def compare_and_set(
         self, payout: Payout, *, expected_version: int, outbox: OutboxEntry | None = None
     ) -> Payout | None:
         if outbox is not None and outbox.payout_id != payout.id:
             raise ValueError(f"outbox entry for {outbox.payout_id!r} given with {payout.id!r}")
-        doc = _encode(payout)
+        doc = encode_payout(payout)
         cas = (payout.id, expected_version, payout.status.value, payout.next_check_at, doc)
         if outbox is None:
             rows = await self._fetch("cas", *cas)
         else:
-            rows = await self._fetch(
-                "cas_outbox",
-                *cas,
-                outbox.status.value,
-                outbox.created_at,
-                outbox.next_attempt_at,
-                outbox.attempts,
-                outbox.delivered_at,
-                outbox.last_error,
-                outbox.dead_at,
-            )
-        return _decode(rows[0][0], doc) if rows else None
+            rows = await self._fetch("cas_outbox", *cas, *outbox_values(outbox))
+        return decode_payout(rows[0][0], doc) if rows else None
 
     async def claim_due(
         self, now: float, *, owner: str, lease_seconds: float, limit: int
@@ -596,7 +549,7 @@ class PostgresStorage:
             return []
         rows = await self._fetch("claim_due", owner, now + lease_seconds, now, limit)
         rows.sort(key=lambda r: (r[2], r[3]))  # RETURNING does not keep the CTE's order
-        return [_decode(r[0], r[1]) for r in rows]
+        return [decode_payout(r[0], r[1]) for r in rows]
 
     async def next_due_at(self) -> float | None:
         rows = await self._fetch("next_due")
@@ -609,7 +562,7 @@ class PostgresStorage:
         if limit <= 0:
             return []
         rows = await self._fetch("claim_outbox", owner, now + lease_seconds, now, limit)
-        entries = [_outbox_from_row(r) for r in rows]
+        entries = [decode_outbox(*r) for r in rows]
         entries.sort(key=lambda e: e.payout_id)  # all share next_attempt_at == lease end
         return entries
 
@@ -631,7 +584,7 @@ class PostgresStorage:
 
     async def get_outbox(self, payout_id: str) -> OutboxEntry | None:
         rows = await self._fetch("get_outbox", payout_id)
-        return _outbox_from_row(rows[0]) if rows else None
+        return decode_outbox(*rows[0]) if rows else None
 
     async def count_by_status(self) -> dict[PayoutStatus, int]:
         counts = dict.fromkeys(PayoutStatus, 0)

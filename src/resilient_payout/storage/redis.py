@@ -1,4 +1,5 @@
-"""Redis storage (``redis://...``) and a status-check budget shared through Redis.
+"""Redis storage (``redis://...``). The status-check budget shared through Redis,
+:class:`~resilient_payout.reconcile.redis.RedisCheckBudget`, is still importable from here.
 
 :class:`RedisStorage` makes every decision in one Lua script (create-if-absent, compare-and-set
 with its outbox entry, each claim, ack, retry), and Redis runs a script as one atomic step, so
@@ -29,12 +30,8 @@ always``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-from collections.abc import Iterator
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
@@ -43,9 +40,13 @@ import redis.exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from .._errors import StorageError, StorageUnavailable
+from .._errors import StorageError
 from .._model import OutboxEntry, Payout, PayoutStatus
 from .._urls import redact_url as _redacted
+from ._codec import decode_outbox, decode_payout, encode_payout, translated
+
+if TYPE_CHECKING:
+    from ..reconcile.redis import RedisCheckBudget as RedisCheckBudget
 
 __all__ = ["RedisCheckBudget", "RedisStorage"]
 
@@ -223,42 +224,15 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
-def _encode(payout: Payout) -> str:
-    d = payout.to_dict()
-    del d["version"]  # the hash's `v` field is authoritative: claims bump it in Lua
-    return json.dumps(d, separators=(",", ":"))
-
-
-def _decode(version: Any, doc: str | bytes) -> Payout:
-    d = json.loads(doc)
-    d["version"] = int(version)
-    return Payout.from_dict(d)
-
-
-def _outbox(payout_id: str, fields: list[Any]) -> OutboxEntry:
-    status, created_at, at, attempts, delivered_at, error, dead_at = fields
-    return OutboxEntry(
-        payout_id=payout_id,
-        status=PayoutStatus(status),
-        created_at=float(created_at),
-        next_attempt_at=float(at),
-        attempts=int(attempts),
-        delivered_at=None if delivered_at is None else float(delivered_at),
-        last_error=error,
-        dead_at=None if dead_at is None else float(dead_at),
+def _translated() -> contextlib.AbstractContextManager[None]:
+    # Wrong credentials are a configuration error (redis-py files them under connection
+    # errors): retrying won't help.
+    return translated(
+        "Redis",
+        _UNAVAILABLE,
+        (rex.RedisError,),
+        fatal=(rex.AuthenticationError, rex.AuthorizationError),
     )
-
-
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    try:
-        yield
-    except (rex.AuthenticationError, rex.AuthorizationError) as exc:
-        raise StorageError(f"Redis: {exc}") from exc  # a configuration error: retrying won't help
-    except _UNAVAILABLE as exc:
-        raise StorageUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc
-    except rex.RedisError as exc:
-        raise StorageError(f"Redis: {type(exc).__name__}: {exc}") from exc
 
 
 def _client(
@@ -427,7 +401,7 @@ class RedisStorage:
     # -- the contract -------------------------------------------------------------------------
 
     async def create_if_absent(self, payout: Payout) -> tuple[Payout, bool]:
-        doc = _encode(payout)
+        doc = encode_payout(payout)
         nca = "" if payout.next_check_at is None else _num(payout.next_check_at)
         result = await self._run(
             "create",
@@ -435,21 +409,21 @@ class RedisStorage:
             [payout.id, payout.status.value, nca, doc, "1" if payout.is_final else "0"],
         )
         if result[0] == 1:
-            return _decode(1, doc), True
-        return _decode(result[1], result[2]), False
+            return decode_payout(1, doc), True
+        return decode_payout(result[1], result[2]), False
 
     async def get(self, payout_id: str) -> Payout | None:
         client = self._conn()
         with _translated():
             version, doc = await client.hmget(self._payout_key(payout_id), ["v", "doc"])
-        return None if version is None or doc is None else _decode(version, doc)
+        return None if version is None or doc is None else decode_payout(version, doc)
 
     async def compare_and_set(
         self, payout: Payout, *, expected_version: int, outbox: OutboxEntry | None = None
     ) -> Payout | None:
         if outbox is not None and outbox.payout_id != payout.id:
             raise ValueError(f"outbox entry for {outbox.payout_id!r} given with {payout.id!r}")
-        doc = _encode(payout)
+        doc = encode_payout(payout)
         nca = "" if payout.next_check_at is None else _num(payout.next_check_at)
         args: list[str | int] = [
             payout.id,
@@ -484,7 +458,7 @@ class RedisStorage:
             self._outbox_dead,
         ]
         version = await self._run("cas", keys, args)
-        return None if version is None or doc is None else _decode(version, doc)
+        return None if version is None or doc is None else decode_payout(version, doc)
 
     async def claim_due(
         self, now: float, *, owner: str, lease_seconds: float, limit: int
@@ -496,7 +470,7 @@ class RedisStorage:
             [self._ready, self._leased, self._due],
             [_num(now), owner, _num(now + lease_seconds), limit, self._prefix + "p:"],
         )
-        return [_decode(version, doc) for version, doc in rows]  # already earliest first
+        return [decode_payout(version, doc) for version, doc in rows]  # already earliest first
 
     async def next_due_at(self) -> float | None:
         client = self._conn()
@@ -514,7 +488,7 @@ class RedisStorage:
             [self._outbox_due],
             [_num(now), owner, _num(now + lease_seconds), limit, self._prefix + "o:"],
         )
-        entries = [_outbox(row[0], row[1:]) for row in rows]
+        entries = [decode_outbox(*row) for row in rows]
         entries.sort(key=lambda e: e.payout_id)  # all share next_attempt_at == lease end
         return entries
 
@@ -557,7 +531,7 @@ class RedisStorage:
         client = self._conn()
         with _translated():
             fields = await client.hmget(self._outbox_key(payout_id), list(_OUTBOX_FIELDS))
-        return None if fields[0] is None else _outbox(payout_id, fields)
+        return None if fields[0] is None else decode_outbox(payout_id, *fields)
 
     async def count_by_status(self) -> dict[PayoutStatus, int]:
         client = self._conn()
@@ -569,136 +543,11 @@ class RedisStorage:
         return counts
 
 
-# -- the shared status-check budget ------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    # RedisCheckBudget moved to reconcile.redis, which imports this module's client and error
+    # translation: resolved on first use, so neither module needs the other half-imported.
+    if name == "RedisCheckBudget":
+        from ..reconcile.redis import RedisCheckBudget
 
-# GCRA on Redis's clock, in integer microseconds (exact in a double up to 2**53, i.e. for
-# centuries of epoch time). KEYS: theoretical arrival time, pause flag. ARGV: emission interval
-# and burst tolerance, in µs. Returns {µs to wait (0: granted), server time in µs}.
-_GCRA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local paused = redis.call('PTTL', KEYS[2])
-if paused > 0 then return {paused * 1000, now} end
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = math.ceil(tat + interval)
-local wait = new_tat - now - tolerance
-if wait > 0 then return {math.ceil(wait), now} end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
-           'PX', string.format('%.0f', math.ceil((new_tat - now) / 1000) + 1))
-return {0, now}
-"""
-
-_OUTAGE_BACKOFF_MIN: Final = 0.05
-_OUTAGE_BACKOFF_MAX: Final = 2.0
-
-# A pause only ever lengthens: a short Retry-After must not cut a longer penalty short.
-_PAUSE = """
-local ms = tonumber(ARGV[1])
-if redis.call('PTTL', KEYS[1]) < ms then
-  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-end
-return 0
-"""
-
-
-class RedisCheckBudget:
-    """One status-check budget for every process: ``rate`` checks per second, bursts of
-    ``burst``, so over any window of ``T`` seconds at most ``burst + rate * T`` checks go out,
-    counted across all processes sharing ``key`` on one Redis server.
-
-    The limiter is GCRA (a leaky bucket kept as one timestamp) in a Lua script that reads the
-    time with Redis ``TIME``: every process uses the server's clock, so skewed machine clocks
-    change nothing, and the check-and-count is one atomic step. :meth:`acquire` sleeps for the
-    delay the script returns and tries again. :meth:`pause` sets ``<key>:pause`` with a TTL,
-    which every ``acquire`` honours within the same script. Why not the ``limits`` library: its
-    moving-window strategy only answers "allowed now?" (no delay to wait for, so a caller must
-    poll), and it has no shared pause; GCRA's state is one key and its answer is the exact wait.
-
-    Unlike :class:`~resilient_payout.LocalCheckBudget`, it does not start full: the state
-    outlives restarts of any process, and an absent key means no check for ``burst / rate``
-    seconds or more, which is a full bucket anyway. ``url_or_client``: a Redis URL (the budget
-    then owns its client: close it with :meth:`aclose` or ``async with``) or a
-    ``redis.asyncio.Redis`` client (left open).
-
-    While Redis is unreachable, :meth:`acquire` keeps waiting (retrying with backoff, logging a
-    warning): no check goes out uncounted. :meth:`pause` raises
-    :class:`~resilient_payout.StorageUnavailable` then; other Redis errors (wrong password...)
-    raise :class:`~resilient_payout.StorageError`.
-    """
-
-    def __init__(
-        self,
-        url_or_client: str | aioredis.Redis,
-        *,
-        rate: float,
-        burst: int,
-        key: str = "rp:budget",
-    ) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be > 0 and burst >= 1")
-        if isinstance(url_or_client, str):
-            self._redis = _client(url_or_client, retries=3, socket_timeout=5.0, max_connections=8)
-            self._owned = True
-        else:
-            self._redis = url_or_client
-            self._owned = False
-        self.rate = rate
-        self.burst = burst
-        self.key = key
-        self._interval_us = 1_000_000 / rate
-        self._gcra = self._redis.register_script(_GCRA)
-        self._pause = self._redis.register_script(_PAUSE)
-        self.sent = 0
-        self.pauses = 0
-        self.last_acquired_at: float | None = None
-        """Redis server time (epoch seconds) at which the last :meth:`acquire` was granted."""
-
-    async def acquire(self) -> None:
-        keys = [self.key, self.key + ":pause"]
-        args = [repr(self._interval_us), repr(self._interval_us * self.burst)]
-        backoff = _OUTAGE_BACKOFF_MIN
-        while True:
-            try:
-                with _translated():
-                    wait_us, now_us = await self._gcra(keys=keys, args=args)
-            except StorageUnavailable as exc:
-                # No check may go out uncounted, and raising would stop the caller's check loop:
-                # wait for Redis to come back.
-                log.warning("check budget: %s; trying again in %.2fs", exc, backoff)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, _OUTAGE_BACKOFF_MAX)
-                continue
-            backoff = _OUTAGE_BACKOFF_MIN
-            if int(wait_us) <= 0:
-                self.sent += 1
-                self.last_acquired_at = int(now_us) / 1_000_000
-                return
-            await anyio.sleep(int(wait_us) / 1_000_000)
-
-    async def pause(self, seconds: float) -> None:
-        self.pauses += 1
-        ms = math.ceil(seconds * 1000)
-        if ms <= 0:
-            return
-        with _translated():
-            await self._pause(keys=[self.key + ":pause"], args=[str(ms)])
-
-    async def aclose(self) -> None:
-        """Close the client if this budget created it."""
-        if self._owned:
-            with anyio.CancelScope(shield=True), contextlib.suppress(*_UNAVAILABLE):
-                await self._redis.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+        return RedisCheckBudget
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

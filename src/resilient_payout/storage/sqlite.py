@@ -24,7 +24,6 @@ every commit (also the app's request itself); ``normal`` none: only for data you
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sqlite3
@@ -39,6 +38,7 @@ import anyio.to_thread
 
 from .._errors import ConfigurationError, StorageError, StorageUnavailable
 from .._model import OutboxEntry, Payout, PayoutStatus
+from ._codec import decode_outbox, decode_payout, encode_payout, outbox_values
 
 __all__ = ["SQLiteStorage"]
 
@@ -206,32 +206,6 @@ _UNAVAILABLE_CODES = frozenset(
         sqlite3.SQLITE_PROTOCOL,
     }
 )
-
-
-def _encode(payout: Payout) -> str:
-    d = payout.to_dict()
-    del d["version"]
-    return json.dumps(d, separators=(",", ":"))
-
-
-def _decode(version: int, doc: str) -> Payout:
-    d = json.loads(doc)
-    d["version"] = version
-    return Payout.from_dict(d)
-
-
-def _outbox_from_row(row: Sequence[Any]) -> OutboxEntry:
-    payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error, dead = row
-    return OutboxEntry(
-        payout_id=payout_id,
-        status=PayoutStatus(status),
-        created_at=created_at,
-        next_attempt_at=next_attempt_at,
-        attempts=attempts,
-        delivered_at=delivered_at,
-        last_error=last_error,
-        dead_at=dead,
-    )
 
 
 def _translated(exc: sqlite3.Error) -> StorageError:
@@ -479,7 +453,7 @@ class SQLiteStorage:
     # -- the contract -------------------------------------------------------------------------
 
     async def create_if_absent(self, payout: Payout) -> tuple[Payout, bool]:
-        doc = _encode(payout)
+        doc = encode_payout(payout)
         params = (payout.id, payout.status.value, payout.next_check_at, doc)
 
         def op(db: sqlite3.Connection) -> tuple[Payout, bool]:
@@ -488,13 +462,13 @@ class SQLiteStorage:
                 return replace(payout, version=1), True
             # Rows are never deleted, so the conflicting row is still there.
             ((version, existing),) = db.execute(_GET, (payout.id,)).fetchall()
-            return _decode(version, existing), False
+            return decode_payout(version, existing), False
 
         return await self._run(op)
 
     async def get(self, payout_id: str) -> Payout | None:
         rows = await self._query(_GET, (payout_id,), write=False)
-        return _decode(*rows[0]) if rows else None
+        return decode_payout(*rows[0]) if rows else None
 
     async def _query(self, sql: str, params: Sequence[Any] = (), *, write: bool) -> list[Any]:
         """One statement in autocommit mode (atomic by itself); its rows."""
@@ -505,7 +479,7 @@ class SQLiteStorage:
     ) -> Payout | None:
         if outbox is not None and outbox.payout_id != payout.id:
             raise ValueError(f"outbox entry for {outbox.payout_id!r} given with {payout.id!r}")
-        doc = _encode(payout)
+        doc = encode_payout(payout)
         cas = (payout.status.value, payout.next_check_at, doc, payout.id, expected_version)
         # A POST follows this write: were it rolled back by a power loss, the payout would be
         # POSTed again. Its commit fsyncs the WAL (and with it every earlier commit).
@@ -530,19 +504,7 @@ class SQLiteStorage:
                 if not rows:
                     db.execute("ROLLBACK")
                     return None
-                db.execute(
-                    _INSERT_OUTBOX,
-                    (
-                        outbox.payout_id,
-                        outbox.status.value,
-                        outbox.created_at,
-                        outbox.next_attempt_at,
-                        outbox.attempts,
-                        outbox.delivered_at,
-                        outbox.last_error,
-                        outbox.dead_at,
-                    ),
-                )
+                db.execute(_INSERT_OUTBOX, (outbox.payout_id, *outbox_values(outbox)))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -561,7 +523,7 @@ class SQLiteStorage:
         rows = await self._query(_CLAIM_DUE, params, write=True)
         # RETURNING does not keep the subquery's order.
         rows.sort(key=lambda r: (r[2], r[3]))
-        return [_decode(version, doc) for version, doc, _, _ in rows]
+        return [decode_payout(version, doc) for version, doc, _, _ in rows]
 
     async def next_due_at(self) -> float | None:
         rows = await self._query(_NEXT_DUE, _FINAL, write=False)
@@ -575,7 +537,7 @@ class SQLiteStorage:
         until = now + lease_seconds
         params = (owner, until, until, now, now, limit)
         rows = await self._query(_CLAIM_OUTBOX, params, write=True)
-        entries = [_outbox_from_row(r) for r in rows]
+        entries = [decode_outbox(*r) for r in rows]
         entries.sort(key=lambda e: e.payout_id)  # all share next_attempt_at == until
         return entries
 
@@ -597,7 +559,7 @@ class SQLiteStorage:
 
     async def get_outbox(self, payout_id: str) -> OutboxEntry | None:
         rows = await self._query(_GET_OUTBOX, (payout_id,), write=False)
-        return _outbox_from_row(rows[0]) if rows else None
+        return decode_outbox(*rows[0]) if rows else None
 
     async def count_by_status(self) -> dict[PayoutStatus, int]:
         counts = dict.fromkeys(PayoutStatus, 0)

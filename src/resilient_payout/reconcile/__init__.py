@@ -6,7 +6,8 @@ the whole cluster) spends checks from one budget of ``check_rate`` per second wi
 go out. A 429 from the partner pauses every check for the penalty (or ``Retry-After``).
 
 When checks are due is decided by the lifecycle (:func:`~resilient_payout.plan_next_check`);
-this module only rations them.
+this module only rations them. One budget for every process sharing a Redis server:
+:class:`~resilient_payout.reconcile.redis.RedisCheckBudget` (the ``[redis]`` extra).
 """
 
 from __future__ import annotations
