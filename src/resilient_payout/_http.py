@@ -132,9 +132,9 @@ class AiohttpClient:
                 body = await _read_capped(response)
                 return Answer(response.status, response.headers, body)
         except _NOT_SENT as exc:
-            raise TransportError(_describe(exc), sent=False) from exc
+            raise TransportError(describe_error(exc), sent=False) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TransportError(_describe(exc), sent=True) from exc
+            raise TransportError(describe_error(exc), sent=True) from exc
 
     async def aclose(self) -> None:
         self._closed = True
@@ -152,8 +152,14 @@ async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:
     return bytes(buf)
 
 
-def _describe(exc: BaseException) -> str:
-    # Some aiohttp errors quote the request URL, which may carry credentials.
-    text = redact_urls_in(" ".join(str(exc).split()))
+def clean_text(text: str) -> str:
+    """One line without control characters: reasons end up in logs and the audit trail."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Name: message`` of a transport error, cleaned, with URL credentials redacted (some
+    errors quote the request URL)."""
+    text = redact_urls_in(clean_text(str(exc)))
     name = type(exc).__name__
     return f"{name}: {text}" if text else name

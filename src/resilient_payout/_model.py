@@ -143,7 +143,7 @@ class PayoutRequest(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise InvalidRequest(_describe(exc)) from exc
+            raise InvalidRequest(_validation_message(exc)) from exc
 
     def payload(self) -> dict[str, Any]:
         """The canonical request as plain JSON-able data (id and extra fields), as stored.
@@ -285,7 +285,7 @@ def _sha256_json(data: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _describe(exc: ValidationError) -> str:
+def _validation_message(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(x) for x in err["loc"]) or "body"

@@ -188,8 +188,10 @@ class OutboxWork:
     async def run(self, tg: TaskGroup) -> None:
         client = self._client
         # A round may retry a few times with backoff; the lease must outlast it.
-        p = client.policy
-        lease = p.lease + p.notify_attempts_per_round * (p.notify_timeout + p.notify_backoff_max)
+        policy = client.policy
+        lease = policy.lease + policy.notify_attempts_per_round * (
+            policy.notify_timeout + policy.notify_backoff_max
+        )
         while True:
             try:
                 entries = await client.storage.claim_outbox(
@@ -207,7 +209,7 @@ class OutboxWork:
                 await anyio.lowlevel.checkpoint()
                 continue
             self._wake = anyio.Event()
-            with anyio.move_on_after(p.poll_interval):
+            with anyio.move_on_after(policy.poll_interval):
                 await self._wake.wait()
 
     async def _deliver(self, entry: OutboxEntry) -> None:

@@ -34,7 +34,7 @@ from urllib.parse import quote
 import httpx
 
 from ._closing import AsyncClosing
-from ._http import MAX_BODY, AiohttpClient, Answer, TransportError
+from ._http import MAX_BODY, AiohttpClient, Answer, TransportError, clean_text, describe_error
 from ._model import (
     Accepted,
     CheckFailed,
@@ -57,7 +57,7 @@ __all__ = ["HttpPartner", "Partner"]
 # fail as NotSent, which the lifecycle retries.
 _MAX_CONNECTIONS = 2048
 
-logger = logging.getLogger("resilient_payout.partner")
+log = logging.getLogger("resilient_payout.partner")
 
 _MAX_REASON: Final = 200
 _REFUSED: Final = frozenset({400, 401, 403, 422})
@@ -113,21 +113,21 @@ class HttpPartner(AsyncClosing):
     ) -> None:
         self._policy = policy if policy is not None else Policy()
         self._base = base_url.rstrip("/")
-        p = self._policy
+        policy = self._policy
         # Write and pool waits are bounded by the connect timeout, so that a pool wait fails as
         # NotSent; the default client also caps the whole exchange at connect + read, below
         # policy.submit_deadline (an injected httpx client bounds each read only).
         self._submit_timeout = httpx.Timeout(
-            connect=p.connect_timeout,
-            read=p.read_timeout,
-            write=p.connect_timeout,
-            pool=p.connect_timeout,
+            connect=policy.connect_timeout,
+            read=policy.read_timeout,
+            write=policy.connect_timeout,
+            pool=policy.connect_timeout,
         )
         self._check_timeout = httpx.Timeout(
-            connect=p.connect_timeout,
-            read=p.check_timeout,
-            write=p.connect_timeout,
-            pool=p.connect_timeout,
+            connect=policy.connect_timeout,
+            read=policy.check_timeout,
+            write=policy.connect_timeout,
+            pool=policy.connect_timeout,
         )
         self._client = client
         self._own: AiohttpClient | None = (
@@ -148,17 +148,17 @@ class HttpPartner(AsyncClosing):
         except TransportError as exc:
             # The reason may quote the partner's bytes (a malformed status line): cleaned, as
             # it goes to logs and the audit trail.
-            reason = _clean(exc.reason)[:_MAX_REASON]
+            reason = clean_text(exc.reason)[:_MAX_REASON]
             outcome: SubmitOutcome = Uncertain(reason) if exc.sent else NotSent(reason)
         except _NOT_SENT_ERRORS as exc:
-            outcome = NotSent(_describe(exc))
+            outcome = NotSent(_reason(exc))
         except _SENT_ERRORS as exc:
-            outcome = Uncertain(_describe(exc))
+            outcome = Uncertain(_reason(exc))
         except Exception as exc:
             # Not a transport error (e.g. an ASGI app raising through ASGITransport): we cannot
             # know whether the partner saw the request, so it must not be re-POSTed blindly.
-            logger.error("submit %s: unexpected %s", payout_id, type(exc).__name__, exc_info=True)
-            outcome = Uncertain(f"unexpected {_describe(exc)}")
+            log.error("submit %s: unexpected %s", payout_id, type(exc).__name__, exc_info=True)
+            outcome = Uncertain(f"unexpected {_reason(exc)}")
         else:
             outcome = _classify_submit(payout_id, answer)
         _log_outcome("submit", payout_id, outcome)
@@ -170,12 +170,12 @@ class HttpPartner(AsyncClosing):
         try:
             answer = await self._exchange("GET", url, None, self._check_timeout)
         except TransportError as exc:
-            outcome: CheckOutcome = CheckFailed(_clean(exc.reason)[:_MAX_REASON])
+            outcome: CheckOutcome = CheckFailed(clean_text(exc.reason)[:_MAX_REASON])
         except _NOT_SENT_ERRORS + _SENT_ERRORS as exc:
-            outcome = CheckFailed(_describe(exc))
+            outcome = CheckFailed(_reason(exc))
         except Exception as exc:
-            logger.error("check %s: unexpected %s", payout_id, type(exc).__name__, exc_info=True)
-            outcome = CheckFailed(f"unexpected {_describe(exc)}")
+            log.error("check %s: unexpected %s", payout_id, type(exc).__name__, exc_info=True)
+            outcome = CheckFailed(f"unexpected {_reason(exc)}")
         else:
             outcome = _classify_check(payout_id, answer)
         _log_outcome("check", payout_id, outcome)
@@ -283,7 +283,7 @@ def _parse_record(payout_id: str, body: bytes | None) -> PartnerStatus | str:
     try:
         return PartnerStatus(status)
     except ValueError:
-        return f"status {_clean(status)[:32]!r} outside the partner vocabulary"
+        return f"status {clean_text(status)[:32]!r} outside the partner vocabulary"
 
 
 def _refusal_reason(code: int, body: bytes | None) -> str:
@@ -302,13 +302,8 @@ def _refusal_reason(code: int, body: bytes | None) -> str:
                     break
         elif isinstance(data, str):
             text = data
-    text = _clean(text)
+    text = clean_text(text)
     return text[:_MAX_REASON] if text else f"HTTP {code}"
-
-
-def _clean(text: str) -> str:
-    # Reasons end up in logs and the audit trail: one line, no control characters.
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 def _parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -341,14 +336,12 @@ def _http_date(value: str) -> float | None:
         return None
 
 
-def _describe(exc: BaseException) -> str:
-    text = _clean(str(exc))
-    name = type(exc).__name__
-    return f"{name}: {text}"[:_MAX_REASON] if text else name
+def _reason(exc: BaseException) -> str:
+    return describe_error(exc)[:_MAX_REASON]
 
 
 def _log_outcome(op: str, payout_id: str, outcome: SubmitOutcome | CheckOutcome) -> None:
     if isinstance(outcome, Accepted | Found | NotFound):
-        logger.debug("%s %s: %s", op, payout_id, outcome)
+        log.debug("%s %s: %s", op, payout_id, outcome)
     else:
-        logger.warning("%s %s: %s", op, payout_id, outcome)
+        log.warning("%s %s: %s", op, payout_id, outcome)

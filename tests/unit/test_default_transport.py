@@ -492,7 +492,7 @@ def test_a_reason_never_quotes_url_credentials() -> None:
     exc = aiohttp.ClientConnectionError(
         "Connection timeout to host http://payouts:s3cret@partner.test/transaction"
     )
-    assert _http._describe(exc) == (
+    assert _http.describe_error(exc) == (
         "ClientConnectionError: Connection timeout to host http://***@partner.test/transaction"
     )
 

@@ -48,7 +48,7 @@ def build_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
     return router
 
 
-def _fmt_seconds(seconds: float) -> str:
+def _format_seconds(seconds: float) -> str:
     return f"{seconds:.3f}".rstrip("0").rstrip(".") or "0"
 
 
@@ -103,7 +103,7 @@ def _add_submit(router: APIRouter, settings: ServiceSettings) -> None:
             alias="Prefer",
             description=(
                 "RFC 7240 `wait=N`: hold the answer up to N seconds (capped at "
-                f"{_fmt_seconds(max_wait)}) for a final status. Without it the answer never "
+                f"{_format_seconds(max_wait)}) for a final status. Without it the answer never "
                 "waits on the partner."
             ),
             examples=["wait=5"],
@@ -114,7 +114,7 @@ def _add_submit(router: APIRouter, settings: ServiceSettings) -> None:
         wait = prefer_wait(request.headers.getlist("prefer"))
         if wait is not None:
             applied = min(wait, max_wait)
-            response.headers["Preference-Applied"] = f"wait={_fmt_seconds(applied)}"
+            response.headers["Preference-Applied"] = f"wait={_format_seconds(applied)}"
             if not payout.is_final and applied > 0:
                 payout = await client.wait_final(payout.id, applied)
         return view(payout)
