@@ -24,6 +24,7 @@ import socket
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from resilient_payout.cli._procs import (
 )
 from resilient_payout.fastapi import ServiceSettings
 from resilient_payout.testing._server import embedded_server, listen
-from tests.contract.conftest import delete_prefix, drop_schema, fresh_prefix, server_url
+from tests.contract.conftest import Server, delete_prefix, drop_schema, fresh_prefix, server_url
 
 SCALE = 0.04
 """Every duration of partner and service multiplied by this: 1 scenario second = 40 ms. At
@@ -387,39 +388,38 @@ def _expected(entry: Any) -> str | None:
     return str(status) if status in ("completed", "declined") else None
 
 
-@pytest.mark.anyio
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.slow
-async def test_three_instances_on_postgres_share_a_budget_and_survive_a_kill(
-    tmp_path: Path,
-) -> None:
-    pg_url = await server_url("postgres")
-    redis_url = await server_url("redis")
-    schema = f"rp_mi_{uuid.uuid4().hex[:10]}"
-    budget_key = f"rp-test:{uuid.uuid4().hex[:12]}:budget"
-    sep = "&" if "?" in pg_url else "?"
-    try:
-        await _run(f"{pg_url}{sep}schema={schema}", redis_url, budget_key, tmp_path)
-    finally:
-        await drop_schema(pg_url, schema)
-        await _delete_keys(redis_url, budget_key)
+def _fresh_schema() -> str:
+    return f"rp_mi_{uuid.uuid4().hex[:10]}"
+
+
+_STORAGES = [
+    pytest.param(
+        "postgres", "schema", _fresh_schema, drop_schema, id="postgres", marks=pytest.mark.postgres
+    ),
+    pytest.param("redis", "prefix", fresh_prefix, delete_prefix, id="redis"),
+]
 
 
 @pytest.mark.anyio
 @pytest.mark.redis
 @pytest.mark.slow
-async def test_three_instances_on_redis_share_a_budget_and_survive_a_kill(
+@pytest.mark.parametrize(("server", "param", "fresh", "cleanup"), _STORAGES)
+async def test_three_instances_share_a_budget_and_survive_a_kill(
+    server: Server,
+    param: str,
+    fresh: Callable[[], str],
+    cleanup: Callable[[str, str], Awaitable[None]],
     tmp_path: Path,
 ) -> None:
+    storage_url = await server_url(server)
     redis_url = await server_url("redis")
-    prefix = fresh_prefix()
+    namespace = fresh()
     budget_key = f"rp-test:{uuid.uuid4().hex[:12]}:budget"
-    sep = "&" if "?" in redis_url else "?"
+    sep = "&" if "?" in storage_url else "?"
     try:
-        await _run(f"{redis_url}{sep}prefix={prefix}", redis_url, budget_key, tmp_path)
+        await _run(f"{storage_url}{sep}{param}={namespace}", redis_url, budget_key, tmp_path)
     finally:
-        await delete_prefix(redis_url, prefix)
+        await cleanup(storage_url, namespace)
         await _delete_keys(redis_url, budget_key)
 
 

@@ -53,6 +53,17 @@ def assert_problem(response: httpx.Response, status: int, slug: str | None, path
     assert body["detail"]
 
 
+async def post_preferring(
+    svc: ServiceStack, payout_id: str, prefer: str
+) -> tuple[httpx.Response, float]:
+    """POST /transaction with a ``Prefer`` header: the answer and the virtual seconds it took."""
+    t0 = anyio.current_time()
+    response = await svc.http.post(
+        "/transaction", json={"id": payout_id}, headers={"Prefer": prefer}
+    )
+    return response, anyio.current_time() - t0
+
+
 async def test_submit_answers_at_once_and_a_repeat_gets_the_same_body() -> None:
     async with running(QUIET.replace(answer_delay_min=5, answer_delay_max=5)) as svc:
         t0 = anyio.current_time()
@@ -123,29 +134,20 @@ async def test_validation_problems_list_the_fields_without_echoing_input() -> No
 
 async def test_prefer_wait_returns_the_final_status_when_the_partner_answers_in_time() -> None:
     async with running(QUIET.replace(answer_delay_min=2, answer_delay_max=2)) as svc:
-        t0 = anyio.current_time()
-        response = await svc.http.post(
-            "/transaction", json={"id": "tx-3"}, headers={"Prefer": "respond-async, wait=5"}
-        )
-        assert anyio.current_time() - t0 == pytest.approx(2.0)
+        response, took = await post_preferring(svc, "tx-3", "respond-async, wait=5")
+        assert took == pytest.approx(2.0)
     assert response.json() == {"id": "tx-3", "status": "completed"}
     assert response.headers["preference-applied"] == "wait=5"
 
 
 async def test_prefer_wait_gives_pending_after_no_more_than_n_seconds() -> None:
     async with running(QUIET.replace(answer_delay_min=8, answer_delay_max=8)) as svc:
-        t0 = anyio.current_time()
-        response = await svc.http.post(
-            "/transaction", json={"id": "tx-4"}, headers={"Prefer": "wait=2.5"}
-        )
-        assert anyio.current_time() - t0 == pytest.approx(2.5)
+        response, took = await post_preferring(svc, "tx-4", "wait=2.5")
+        assert took == pytest.approx(2.5)
         # A repeat of a payout that became final meanwhile gets it at once.
         await anyio.sleep(10)
-        t1 = anyio.current_time()
-        late = await svc.http.post(
-            "/transaction", json={"id": "tx-4"}, headers={"Prefer": "wait=5"}
-        )
-        assert anyio.current_time() == t1
+        late, took = await post_preferring(svc, "tx-4", "wait=5")
+        assert took == 0
     assert response.json() == {"id": "tx-4", "status": "pending"}
     assert response.headers["preference-applied"] == "wait=2.5"
     assert late.json() == {"id": "tx-4", "status": "completed"}
@@ -153,16 +155,10 @@ async def test_prefer_wait_gives_pending_after_no_more_than_n_seconds() -> None:
 
 async def test_prefer_wait_is_capped_by_max_wait_and_bad_preferences_are_ignored() -> None:
     async with running(QUIET.replace(answer_delay_min=8, answer_delay_max=8), max_wait=3) as svc:
-        t0 = anyio.current_time()
-        capped = await svc.http.post(
-            "/transaction", json={"id": "tx-5"}, headers={"Prefer": "wait=100"}
-        )
-        assert anyio.current_time() - t0 == pytest.approx(3.0)
-        t1 = anyio.current_time()
-        ignored = await svc.http.post(
-            "/transaction", json={"id": "tx-6"}, headers={"Prefer": "wait=later"}
-        )
-        assert anyio.current_time() == t1
+        capped, took = await post_preferring(svc, "tx-5", "wait=100")
+        assert took == pytest.approx(3.0)
+        ignored, took = await post_preferring(svc, "tx-6", "wait=later")
+        assert took == 0
     assert capped.json()["status"] == "pending"
     assert capped.headers["preference-applied"] == "wait=3"
     assert ignored.json()["status"] == "pending"

@@ -7,10 +7,11 @@ import anyio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilient_payout import CallbackNotifier, PayoutClient, PayoutStatus, Policy
+from resilient_payout import PayoutStatus, Policy
 from resilient_payout.storage.memory import MemoryStorage
 from resilient_payout.testing import FakePartner, run_virtual
 from resilient_payout.testing.reconciliation import Profile, simulate
+from tests._harness import running
 
 
 def most_in_window(times: list[float], width: float) -> int:
@@ -52,31 +53,21 @@ def test_any_load_stays_within_budget_and_ends_final_and_true(
         pushed.setdefault(pid, []).append(status)
 
     async def run() -> dict[str, PayoutStatus]:
-        storage = MemoryStorage()
-        async with partner:
-            client = PayoutClient(
-                storage=storage,
-                partner=partner,
-                webhook_url="http://service/webhook",
-                notifier=CallbackNotifier(push),
-                policy=policy,
-            )
-            partner.webhook_sink = client.handle_webhook
-            async with client:
-                for i, gap in enumerate(gaps):
-                    await anyio.sleep(gap)
-                    await client.submit({"id": f"r{i}"})
-                # Checks may queue behind a small budget: allow for all of them.
-                horizon = 2 * (policy.submit_deadline + policy.late_arrival_window) + 60
-                horizon += len(gaps) * 8 / rate
-                for i in range(len(gaps)):
-                    await client.wait_final(f"r{i}", horizon)
-                await anyio.sleep(5)
-                out = {}
-                for i in range(len(gaps)):
-                    p = await client.get(f"r{i}")
-                    out[p.id] = p.status
-                return out
+        async with partner, running(MemoryStorage(), partner, push, policy=policy) as client:
+            for i, gap in enumerate(gaps):
+                await anyio.sleep(gap)
+                await client.submit({"id": f"r{i}"})
+            # Checks may queue behind a small budget: allow for all of them.
+            horizon = 2 * (policy.submit_deadline + policy.late_arrival_window) + 60
+            horizon += len(gaps) * 8 / rate
+            for i in range(len(gaps)):
+                await client.wait_final(f"r{i}", horizon)
+            await anyio.sleep(5)
+            out = {}
+            for i in range(len(gaps)):
+                p = await client.get(f"r{i}")
+                out[p.id] = p.status
+            return out
 
     statuses = run_virtual(run)
     for width in (1.0, 5.0, 30.0):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
 import pytest
 
 from resilient_payout import (
-    CallbackNotifier,
     Cause,
     ConflictDetected,
     IdempotencyConflict,
@@ -20,7 +18,6 @@ from resilient_payout import (
     NotificationFailed,
     PartnerStatus,
     Payout,
-    PayoutClient,
     PayoutRequest,
     PayoutStatus,
     Policy,
@@ -28,10 +25,12 @@ from resilient_payout import (
 )
 from resilient_payout.storage.memory import MemoryStorage
 from resilient_payout.testing import VIRTUAL_TIME_BACKEND, FakePartner, Fate, Script
+from tests._harness import running, scripted, settled
 
 pytestmark = pytest.mark.anyio
 S = PayoutStatus
 POLICY = Policy()
+settle = partial(settled, within=1_000)  # every payout here is final within 1,000 s
 
 
 @pytest.fixture
@@ -54,35 +53,9 @@ class Pushes:
         self.got.append((payout_id, status))
 
 
-@asynccontextmanager
-async def running(
-    storage: MemoryStorage, partner: FakePartner, pushes: Pushes | None = None, **kw: Any
-) -> AsyncIterator[PayoutClient]:
-    client = PayoutClient(
-        storage=storage,
-        partner=partner,
-        webhook_url="http://service/webhook",
-        notifier=CallbackNotifier(pushes) if pushes is not None else None,
-        **kw,
-    )
-    partner.webhook_sink = client.handle_webhook
-    async with client:
-        yield client
-
-
-def fixed(script: Script) -> FakePartner:
-    return FakePartner(script=lambda _id, _n: script)
-
-
-async def settle(client: PayoutClient, payout_id: str, within: float = 1_000) -> Payout:
-    p = await client.wait_final(payout_id, within)
-    assert p.is_final, p
-    return p
-
-
 async def test_submit_answers_at_once_and_the_outcome_is_pushed_once() -> None:
     pushes = Pushes()
-    async with fixed(Script(Fate.ANSWER, PartnerStatus.DECLINED, answer_delay=4)) as partner:
+    async with scripted(Script(Fate.ANSWER, PartnerStatus.DECLINED, answer_delay=4)) as partner:
         async with running(MemoryStorage(), partner, pushes) as client:
             t0 = anyio.current_time()
             result = await client.submit({"id": "tx-1", "amount": 10})
@@ -100,7 +73,7 @@ async def test_submit_answers_at_once_and_the_outcome_is_pushed_once() -> None:
 
 async def test_fifty_concurrent_submits_make_one_payout_and_one_post() -> None:
     results = []
-    async with fixed(Script(answer_delay=1)) as partner:
+    async with scripted(Script(answer_delay=1)) as partner:
         async with running(MemoryStorage(), partner) as client:
 
             async def one() -> None:
@@ -119,7 +92,7 @@ async def test_fifty_concurrent_submits_make_one_payout_and_one_post() -> None:
 
 
 async def test_same_id_with_other_contents_is_a_conflict() -> None:
-    async with fixed(Script()) as partner, running(MemoryStorage(), partner) as client:
+    async with scripted(Script()) as partner, running(MemoryStorage(), partner) as client:
         await client.submit({"id": "x", "amount": 5})
         with pytest.raises(IdempotencyConflict):
             await client.submit({"id": "x", "amount": 6})
@@ -131,7 +104,7 @@ async def test_same_id_with_other_contents_is_a_conflict() -> None:
 
 async def test_late_landing_after_504_is_found_by_a_status_check() -> None:
     script = Script(Fate.TIMEOUT_LAND, PartnerStatus.COMPLETED, land_after=70)
-    async with fixed(script) as partner, running(MemoryStorage(), partner) as client:
+    async with scripted(script) as partner, running(MemoryStorage(), partner) as client:
         await client.submit({"id": "late"})
         p = await settle(client, "late")
     assert p.status is S.COMPLETED
@@ -159,7 +132,7 @@ async def test_dropped_504_is_resubmitted_only_after_confirmed_absence() -> None
 
 
 async def test_twice_dropped_payout_fails_after_the_second_window() -> None:
-    async with fixed(Script(Fate.TIMEOUT_DROP)) as partner:
+    async with scripted(Script(Fate.TIMEOUT_DROP)) as partner:
         async with running(MemoryStorage(), partner) as client:
             await client.submit({"id": "gone"})
             p = await settle(client, "gone")
@@ -170,7 +143,7 @@ async def test_twice_dropped_payout_fails_after_the_second_window() -> None:
 
 async def test_webhooks_for_unknown_ids_never_create_a_payout() -> None:
     storage = MemoryStorage()
-    async with fixed(Script()) as partner, running(storage, partner) as client:
+    async with scripted(Script()) as partner, running(storage, partner) as client:
         with pytest.raises(UnknownPayout):
             await client.handle_webhook({"id": "nope", "status": "completed"})
         with pytest.raises(InvalidWebhook):
@@ -184,7 +157,7 @@ async def test_webhooks_for_unknown_ids_never_create_a_payout() -> None:
 async def test_crash_while_submitting_recovers_to_unknown_and_never_reposts() -> None:
     storage = MemoryStorage()
     script = Script(Fate.SLOW, PartnerStatus.DECLINED, answer_delay=50, webhook=False)
-    async with fixed(script) as partner:
+    async with scripted(script) as partner:
         async with running(storage, partner) as first:
             await first.submit({"id": "crash"})
             await anyio.sleep(5)  # the POST is in flight; the process dies now
@@ -205,7 +178,7 @@ async def test_crash_before_submitting_is_resumed_by_the_next_process() -> None:
         Payout.new(PayoutRequest(id="early"), LoopClock().now(), next_check_at=0.0)
     )
     assert created
-    async with fixed(Script(answer_delay=1)) as partner, running(storage, partner) as survivor:
+    async with scripted(Script(answer_delay=1)) as partner, running(storage, partner) as survivor:
         p = await settle(survivor, "early")
     assert p.status is S.COMPLETED
     assert partner.reached("early") == 1
@@ -219,7 +192,7 @@ async def test_disagreeing_webhook_after_final_is_a_conflict_and_not_pushed() ->
         seen.append(c)
 
     pushes = Pushes()
-    async with fixed(Script(webhook=False)) as partner:
+    async with scripted(Script(webhook=False)) as partner:
         async with running(MemoryStorage(), partner, pushes, on_conflict=hook) as client:
             await client.submit({"id": "c"})
             await settle(client, "c")
@@ -234,7 +207,7 @@ async def test_disagreeing_webhook_after_final_is_a_conflict_and_not_pushed() ->
 async def test_pushes_are_retried_until_the_app_acknowledges() -> None:
     pushes = Pushes(fail_first=7)
     storage = MemoryStorage()
-    async with fixed(Script(answer_delay=1, webhook=False)) as partner:
+    async with scripted(Script(answer_delay=1, webhook=False)) as partner:
         async with running(storage, partner, pushes) as client:
             await client.submit({"id": "n"})
             await settle(client, "n")
@@ -249,7 +222,7 @@ async def test_pushes_are_retried_until_the_app_acknowledges() -> None:
 async def test_undelivered_push_is_resumed_after_a_restart() -> None:
     storage = MemoryStorage()
     down = Pushes(fail_first=10**6)
-    async with fixed(Script(answer_delay=1, webhook=False)) as partner:
+    async with scripted(Script(answer_delay=1, webhook=False)) as partner:
         async with running(storage, partner, down) as client:
             await client.submit({"id": "r"})
             await settle(client, "r")
@@ -262,7 +235,7 @@ async def test_undelivered_push_is_resumed_after_a_restart() -> None:
 
 async def test_checks_stay_within_budget_when_many_are_due_at_once() -> None:
     script = Script(Fate.TIMEOUT_LAND, land_after=100)
-    async with fixed(script) as partner, running(MemoryStorage(), partner) as client:
+    async with scripted(script) as partner, running(MemoryStorage(), partner) as client:
         for i in range(60):
             await client.submit({"id": f"b{i}"})
         for i in range(60):
@@ -292,7 +265,7 @@ async def test_a_block_pauses_all_checks_for_the_penalty() -> None:
 
 async def test_leaving_at_once_is_clean_and_writes_nothing() -> None:
     storage = MemoryStorage()
-    async with fixed(Script()) as partner:
+    async with scripted(Script()) as partner:
         async with running(storage, partner):
             pass
         async with running(storage, partner) as client:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -37,20 +38,17 @@ from resilient_payout.testing import (
     SkewedClock,
     StallingStorage,
 )
+from tests._harness import WEBHOOK_URL, scripted, settled
 
 pytestmark = pytest.mark.anyio
 S = PayoutStatus
 POLICY = Policy()
+final = partial(settled, within=2_000)
 
 
 @pytest.fixture
 def anyio_backend() -> Any:
     return VIRTUAL_TIME_BACKEND
-
-
-def scripted(*scripts: Script, **knobs: Any) -> FakePartner:
-    """The n-th POST that reaches the partner gets the n-th script (the last one repeats)."""
-    return FakePartner(script=lambda _id, n: scripts[min(n, len(scripts)) - 1], **knobs)
 
 
 def stall_once(seconds: float) -> Callable[[Payout], float]:
@@ -80,7 +78,7 @@ async def instances(
             client = PayoutClient(
                 storage=StallingStorage(shared, wrap) if wrap else shared,  # type: ignore[arg-type]
                 partner=partner,
-                webhook_url="http://service/webhook",
+                webhook_url=WEBHOOK_URL,
                 close_storage=False,
                 **opts,
             )
@@ -90,10 +88,13 @@ async def instances(
         yield clients
 
 
-async def final(client: PayoutClient, payout_id: str, within: float = 2_000) -> Payout:
-    p = await client.wait_final(payout_id, within)
-    assert p.is_final, (p.status, p.audit)
-    return p
+async def settle_one(partner: FakePartner, payout_id: str) -> tuple[PayoutClient, Payout, float]:
+    """Submit on one instance: its client, the final payout and the virtual time that took."""
+    async with partner, instances(partner, {}) as (client,):
+        t0 = anyio.current_time()
+        await client.submit({"id": payout_id, "amount": 5})
+        p = await final(client, payout_id)
+        return client, p, anyio.current_time() - t0
 
 
 # -- 1. the window starts before the bytes leave ----------------------------------------------
@@ -177,9 +178,7 @@ async def test_a_404_answered_late_does_not_confirm_absence() -> None:
         Script(Fate.ANSWER, PartnerStatus.DECLINED, answer_delay=1.0),
         check_delay=36.0,
     )
-    async with partner, instances(partner, {}) as (client,):
-        await client.submit({"id": "late-404", "amount": 5})
-        p = await final(client, "late-404")
+    _, p, _ = await settle_one(partner, "late-404")
     assert partner.double_payments == []
     assert partner.reached("late-404") == 1
     assert p.status is S.COMPLETED
@@ -210,11 +209,7 @@ class _RetryAfterOnce(FakePartner):
 async def test_a_huge_retry_after_on_submit_is_capped() -> None:
     partner = _RetryAfterOnce(script=lambda _id, _n: Script(answer_delay=1.0))
     partner.check_429 = False
-    async with partner, instances(partner, {}) as (client,):
-        t0 = anyio.current_time()
-        await client.submit({"id": "slow-door", "amount": 5})
-        p = await final(client, "slow-door")
-        took = anyio.current_time() - t0
+    client, p, took = await settle_one(partner, "slow-door")
     assert p.status is S.COMPLETED
     assert took <= POLICY.max_retry_after + 2 * POLICY.poll_interval + 1.0
     assert client.stats.retry_after_capped == 1
@@ -223,11 +218,7 @@ async def test_a_huge_retry_after_on_submit_is_capped() -> None:
 async def test_a_huge_retry_after_on_a_check_pauses_checks_only_up_to_the_cap() -> None:
     partner = _RetryAfterOnce(script=lambda _id, _n: Script(Fate.TIMEOUT_LAND, land_after=40.0))
     partner.submit_429 = False
-    async with partner, instances(partner, {}) as (client,):
-        t0 = anyio.current_time()
-        await client.submit({"id": "paused", "amount": 5})
-        p = await final(client, "paused")
-        took = anyio.current_time() - t0
+    client, p, took = await settle_one(partner, "paused")
     assert p.status is S.COMPLETED
     assert p.resolved_by is not None
     # First check at ~35 s, paused for the cap, then checks resume.

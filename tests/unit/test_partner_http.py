@@ -245,30 +245,50 @@ async def test_retry_after_http_date_without_date_header_uses_our_clock(
     assert 88.0 <= outcome.retry_after <= 90.0
 
 
-# --- submit: never sent ------------------------------------------------------------------------
+# --- submit: transport errors, before or after the request was sent --------------------------
+
+
+def raised(outcome: type, *excs: Exception) -> list[Any]:
+    return [pytest.param(outcome, e, id=f"{outcome.__name__}-{type(e).__name__}") for e in excs]
 
 
 @pytest.mark.parametrize(
-    "exc",
+    ("outcome", "exc"),
     [
-        httpx.ConnectError("[Errno 111] Connection refused"),
-        httpx.ConnectError("[Errno -2] Name or service not known"),  # DNS failure
-        httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"),
-        httpx.ConnectTimeout("timed out"),
-        httpx.PoolTimeout("no connection available"),
-        httpx.UnsupportedProtocol("Request URL has an unsupported protocol 'ftp://'."),
+        # Never sent: safe to send again.
+        *raised(
+            NotSent,
+            httpx.ConnectError("[Errno 111] Connection refused"),
+            httpx.ConnectError("[Errno -2] Name or service not known"),  # DNS failure
+            httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"),
+            httpx.ConnectTimeout("timed out"),
+            httpx.PoolTimeout("no connection available"),
+            httpx.UnsupportedProtocol("Request URL has an unsupported protocol 'ftp://'."),
+        ),
+        # After sending: the partner may have the request, so it may have landed.
+        *raised(
+            Uncertain,
+            httpx.ReadTimeout("timed out"),
+            httpx.WriteTimeout("timed out"),
+            httpx.ReadError("[Errno 104] Connection reset by peer"),
+            httpx.WriteError("[Errno 32] Broken pipe"),  # the partner may have the whole request
+            httpx.RemoteProtocolError("Server disconnected without sending a response."),
+            httpx.LocalProtocolError("can't send data"),
+            httpx.ProxyError("proxy said no"),
+            httpx.DecodingError("bad gzip"),
+            httpx.CloseError("close failed"),
+        ),
     ],
-    ids=lambda e: type(e).__name__,
 )
-async def test_submit_errors_before_sending_are_not_sent(
-    partner: HttpPartner, respx_mock: respx.MockRouter, exc: Exception
+async def test_submit_errors_are_not_sent_before_sending_and_uncertain_after(
+    partner: HttpPartner, respx_mock: respx.MockRouter, outcome: type, exc: Exception
 ) -> None:
     respx_mock.post(SUBMIT_URL).mock(side_effect=exc)
 
-    outcome = await partner.submit("p1", HOOK)
+    result = await partner.submit("p1", HOOK)
 
-    assert isinstance(outcome, NotSent)
-    assert outcome.reason.startswith(type(exc).__name__)
+    assert isinstance(result, outcome)
+    assert result.reason.startswith(type(exc).__name__)
 
 
 async def test_submit_to_a_closed_port_is_not_sent() -> None:
@@ -283,32 +303,6 @@ async def test_submit_to_a_closed_port_is_not_sent() -> None:
 
 
 # --- submit: uncertain ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        httpx.ReadTimeout("timed out"),
-        httpx.WriteTimeout("timed out"),
-        httpx.ReadError("[Errno 104] Connection reset by peer"),
-        httpx.WriteError("[Errno 32] Broken pipe"),  # the partner may have the whole request
-        httpx.RemoteProtocolError("Server disconnected without sending a response."),
-        httpx.LocalProtocolError("can't send data"),
-        httpx.ProxyError("proxy said no"),
-        httpx.DecodingError("bad gzip"),
-        httpx.CloseError("close failed"),
-    ],
-    ids=lambda e: type(e).__name__,
-)
-async def test_submit_errors_after_sending_may_have_landed_so_are_uncertain(
-    partner: HttpPartner, respx_mock: respx.MockRouter, exc: Exception
-) -> None:
-    respx_mock.post(SUBMIT_URL).mock(side_effect=exc)
-
-    outcome = await partner.submit("p1", HOOK)
-
-    assert isinstance(outcome, Uncertain)
-    assert outcome.reason.startswith(type(exc).__name__)
 
 
 @pytest.mark.parametrize("code", [504, 500, 502, 503, 201, 202, 204, 302, 404, 409, 418])
