@@ -50,6 +50,7 @@ from resilient_payout.cli._procs import (
 )
 from resilient_payout.fastapi import ServiceSettings
 from resilient_payout.testing._server import embedded_server, listen
+from resilient_payout.testing.mock_partner import MockPartnerConfig
 from tests.contract.conftest import Server, delete_prefix, drop_schema, fresh_prefix, server_url
 
 SCALE = 0.04
@@ -66,6 +67,8 @@ LATE_REPEAT_MAX = 100.0
 """Scenario seconds; late repeats may arrive after the crash."""
 CHECK_RATE, CHECK_BURST = 2.0, 2
 """Per scenario second, as the service's defaults (so the partner's limit of 5 is respected)."""
+PARTNER_CHECK_LIMIT = MockPartnerConfig().rate_limit_checks
+"""Checks per sliding scenario second the mock partner allows before it blocks (5)."""
 FINAL_TIMEOUT_S = 30.0
 
 _console = Console(stderr=True, highlight=False)
@@ -353,8 +356,9 @@ async def _run(storage_url: str, budget_url: str, budget_key: str, tmp_path: Pat
             f"pushes != final {len(wrong_push)}, ids never pushed {len(unpushed)}, "
             f"pushes {sum(len(p) for p in hub.pushes.values())}\n"
             f"  partner: posts {stats['posts_total']}, checks {stats['checks_total']}, "
-            f"peak checks in 1 scenario s {peak} (limit burst + rate = "
-            f"{CHECK_BURST + CHECK_RATE:g}; busiest {busiest}), blocks {stats['blocks']}, "
+            f"peak checks in 1 scenario s {peak} (budget burst + rate = "
+            f"{CHECK_BURST + CHECK_RATE:g}, partner limit {PARTNER_CHECK_LIMIT}; "
+            f"busiest {busiest}), blocks {stats['blocks']}, "
             f"rate-limited {stats['rate_limited_checks']}\n"
             f"  webhooks {hub.webhooks} ({hub.webhooks_rerouted} rerouted past a dead "
             f"instance, {hub.webhooks_lost} lost, {hub.webhooks_refused} refused)\n"
@@ -371,7 +375,13 @@ async def _run(storage_url: str, budget_url: str, budget_key: str, tmp_path: Pat
         assert stats["blocks"] == 0
         assert hub.webhooks > 0
         assert hub.webhooks_refused == 0
-        assert peak <= CHECK_BURST + CHECK_RATE
+        # The budget's own bound (burst + rate = 4 grants in any second) is proven on virtual
+        # time in tests/unit/test_budget.py. Here the partner counts arrivals, which trail the
+        # grants by a few milliseconds of process and loopback jitter: at 40 ms per scenario
+        # second one late arrival can share a bucket with the next second's grants (CI saw 5).
+        # The partner's own limit is the line that matters; three unshared budgets would
+        # reach 3 x 4 and be blocked.
+        assert peak <= PARTNER_CHECK_LIMIT
     finally:
         await hub.http.aclose()
         for child in children:
