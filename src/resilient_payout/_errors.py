@@ -14,7 +14,8 @@ Everything the library raises on purpose derives from :class:`PayoutError`::
     ├── NotificationFailed        the app did not acknowledge a push (retried later)
     ├── StorageError
     │   ├── StorageUnavailable    the backend cannot be reached right now; retry later
-    │   └── ConcurrencyError      a compare-and-set kept losing races; retry later
+    │   ├── ConcurrencyError      a compare-and-set kept losing races; retry later
+    │   └── PartnerReferenceTaken another payout already holds this partner reference
     └── ClientNotRunning          PayoutClient used outside ``async with``
 
 Partner failures are *not* exceptions: the partner adapter classifies every answer into a
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidWebhook",
     "NotificationFailed",
+    "PartnerReferenceTaken",
     "PayoutError",
     "StorageError",
     "StorageUnavailable",
@@ -109,6 +111,19 @@ class StorageUnavailable(StorageError):
 
 class ConcurrencyError(StorageError):
     """A compare-and-set lost too many races in a row."""
+
+
+class PartnerReferenceTaken(StorageError):
+    """A write would give a payout a partner reference another payout already holds.
+
+    Storage refuses it atomically (a unique index, or its equivalent inside one script) and
+    writes nothing; the client records the claim as a conflict on the payout instead.
+    """
+
+    def __init__(self, partner_ref: str, holder_id: str | None) -> None:
+        super().__init__(f"partner reference already held by payout {holder_id!r}")
+        self.partner_ref = partner_ref
+        self.holder_id = holder_id
 
 
 class ClientNotRunning(PayoutError, RuntimeError):

@@ -363,6 +363,8 @@ class Payout:
     partner_status: PartnerStatus | None = None
     reason: str | None = None
     resolved_by: Cause | None = None
+    partner_ref: str | None = None
+    """The partner's own reference for this transfer, once it named one (unique per payout)."""
     audit: tuple[AuditEntry, ...] = ()
 
     @classmethod
@@ -406,6 +408,7 @@ class Payout:
             "partner_status": self.partner_status.value if self.partner_status else None,
             "reason": self.reason,
             "resolved_by": self.resolved_by.value if self.resolved_by else None,
+            "partner_ref": self.partner_ref,
             "audit": [a.to_dict() for a in self.audit],
         }
 
@@ -431,6 +434,7 @@ class Payout:
             partner_status=PartnerStatus(ps) if ps else None,
             reason=d.get("reason"),
             resolved_by=Cause(rb) if rb else None,
+            partner_ref=d.get("partner_ref"),  # absent in documents written before 0.2
             audit=tuple(AuditEntry.from_dict(a) for a in d.get("audit", ())),
         )
 

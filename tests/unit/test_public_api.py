@@ -72,6 +72,12 @@ _PKG = "resilient_payout"
 _REEXPORTS: dict[str, set[str]] = {
     # Its old home: RedisCheckBudget moved to resilient_payout.reconcile.redis.
     f"{_PKG}.storage.redis": {"RedisCheckBudget"},
+    # Framework-neutral since 0.2 (resilient_payout.settings / .wiring), kept where apps import
+    # them from.
+    **{
+        f"{_PKG}.{mod}": {"ENV_VARS", "ServiceSettings", "ClientFactory", "open_client"}
+        for mod in ("service", "fastapi")
+    },
 }
 
 # Public classes/functions a module defines but deliberately leaves out of its __all__, each

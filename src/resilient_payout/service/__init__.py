@@ -6,18 +6,19 @@ Needs the ``[server]`` extra (fastapi, uvicorn, prometheus-client)::
 
     app = create_app(ServiceSettings.from_env())  # then: uvicorn module:app --port 3200
 
-The web layer knows HTTP, not payout rules. One concern per module: ``settings`` (``RP_*``
-variables), ``wiring`` (the default client), ``schemas`` (JSON bodies), ``problems`` (RFC 9457
+The web layer knows HTTP, not payout rules. Settings (``RP_*``) and the default client are
+framework-neutral and live in :mod:`resilient_payout.settings` and :mod:`resilient_payout.wiring`
+(re-exported here). One concern per module: ``schemas`` (JSON bodies), ``problems`` (RFC 9457
 answers), ``metrics`` (Prometheus), ``middleware`` (body limits), ``deps`` (what routes take
 from a request), ``routes`` (the endpoints, listed there) and ``app`` (:func:`create_app`).
 """
 
 from __future__ import annotations
 
+from ..settings import ENV_VARS, ServiceSettings
+from ..wiring import ClientFactory, open_client
 from .app import create_app
 from .schemas import PROBLEM_TYPE_PREFIX, Health, Problem, ProblemFieldError, TransactionStatus
-from .settings import ENV_VARS, ServiceSettings
-from .wiring import ClientFactory, open_client
 
 __all__ = [
     "ENV_VARS",

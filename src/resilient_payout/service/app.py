@@ -11,13 +11,13 @@ from fastapi import FastAPI
 
 from .._client import PayoutClient
 from .._version import __version__
+from ..settings import NoWebhookSecret, ServiceSettings
 from ..webhooks import UnsignedWebhooks
+from ..wiring import ClientFactory, open_client
 from .metrics import Metrics, RequestMetrics
 from .middleware import BodyLimit
 from .problems import add_problem_handlers, use_problem_json
 from .routes import build_router
-from .settings import NoWebhookSecret, ServiceSettings
-from .wiring import ClientFactory, open_client
 
 __all__ = ["create_app"]
 

@@ -26,11 +26,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .._errors import InvalidRequest, InvalidWebhook
 from .._model import PayoutRequest
+from ..settings import ServiceSettings
 from .deps import RunningClient, prefer_wait, read_capped, running_client, transaction_body
 from .metrics import Metrics
 from .problems import ProblemRaised, problem_docs
 from .schemas import Health, PartnerWebhook, TransactionStatus, view
-from .settings import ServiceSettings
 
 __all__ = ["build_router"]
 

@@ -57,10 +57,10 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from .._policy import Policy
-from .._urls import redact_url as _redact
-from ..storage import storage_from_url
-from ..webhooks import (
+from ._policy import Policy
+from ._urls import redact_url as _redact
+from .storage import storage_from_url
+from .webhooks import (
     RejectReason,
     StandardWebhookVerifier,
     UnsignedWebhooks,

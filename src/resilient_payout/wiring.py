@@ -1,4 +1,6 @@
-"""Building the running :class:`~resilient_payout.PayoutClient` an app serves from its settings."""
+"""Framework-neutral wiring: the running :class:`~resilient_payout.PayoutClient` built from
+:class:`~resilient_payout.settings.ServiceSettings` (``RP_*``), for a web app, a worker or the CLI.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +8,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
-from .._client import PayoutClient
-from .._policy import Policy
-from ..notify import HttpNotifier
-from ..partner import HttpPartner
-from ..storage import storage_from_url
+from ._client import PayoutClient
+from ._policy import Policy
+from .notify import HttpNotifier
+from .partner import HttpPartner
 from .settings import ServiceSettings
+from .storage import storage_from_url
 
 __all__ = ["ClientFactory", "open_client"]
 
@@ -24,7 +26,7 @@ def _budget(settings: ServiceSettings, policy: Policy) -> AbstractAsyncContextMa
     """The shared Redis check budget (closed on exit), or None for the client's local one."""
     if not settings.budget_url:
         return nullcontext(None)
-    from ..reconcile.redis import RedisCheckBudget
+    from .reconcile.redis import RedisCheckBudget
 
     # The policy's rate is already scaled: every instance must agree on it, as on the key.
     return RedisCheckBudget(
