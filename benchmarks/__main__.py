@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import report
 
-SCENARIOS = ("reconciliation", "scale", "throughput", "latency")
+SCENARIOS = ("reconciliation", "scale", "throughput", "latency", "listing")
 OPTIONAL = ("backends",)  # a sibling's module, run if present
 
 

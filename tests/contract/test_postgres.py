@@ -7,6 +7,7 @@ process would.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -16,8 +17,9 @@ import anyio
 import asyncpg
 import pytest
 
-from resilient_payout._errors import StorageError, StorageUnavailable
-from resilient_payout._model import PayoutStatus
+from resilient_payout._errors import PartnerReferenceTaken, StorageError, StorageUnavailable
+from resilient_payout._model import AuditEntry, Cause, PayoutStatus
+from resilient_payout.storage import PayoutQuery
 from resilient_payout.storage.postgres import _MIGRATIONS_TABLE, MIGRATIONS, PostgresStorage
 from resilient_payout.testing.contract import T0, make_outbox, make_payout
 
@@ -168,6 +170,11 @@ async def test_upgrades_a_first_release_schema_in_place(
                 "attempts, last_error) VALUES ('old', 'completed', $1, $1, 3, 'HTTP 502')",
                 T0,
             )
+            await conn.execute(
+                f'INSERT INTO "{schema}".payouts (id, version, status, doc) '
+                "VALUES ('old', 2, 'completed', $1::json)",
+                _old_document(),
+            )
     finally:
         await conn.close()
     caplog.set_level(logging.INFO, logger="resilient_payout.storage")
@@ -186,9 +193,28 @@ async def test_upgrades_a_first_release_schema_in_place(
         await a.dead_letter_outbox("old", at=T0 + 1, error="gave up")
         assert await b.claim_outbox(T0 + 60, owner="b", lease_seconds=30, limit=9) == []
         assert await b.count_dead_outbox() == 1
+        # Step 3 filled the indexed columns from the document.
+        (conflicted,) = (await a.list_payouts(PayoutQuery(conflicts_only=True))).items
+        assert conflicted.id == "old"
+        assert (await b.list_payouts(PayoutQuery(undelivered_only=True))).items == [conflicted]
+        assert await b.get_by_partner_ref("ref-old") == conflicted
+        with pytest.raises(PartnerReferenceTaken):
+            await a.create_if_absent(make_payout("new", partner_ref="ref-old"))
     finally:
         await a.close()
         await b.close()
+
+
+def _old_document() -> str:
+    """A final payout with a conflict and a partner reference, as a document without version."""
+    conflict = AuditEntry(
+        T0 - 5, Cause.WEBHOOK, "conflict", PayoutStatus.COMPLETED, PayoutStatus.COMPLETED,
+        "webhook reported declined after final completed", conflict=True,
+    )  # fmt: skip
+    payout = make_payout("old", status=PayoutStatus.COMPLETED, next_check_at=None)
+    doc = replace(payout, partner_ref="ref-old", audit=(*payout.audit, conflict)).to_dict()
+    del doc["version"]
+    return json.dumps(doc)
 
 
 # -- atomicity ----------------------------------------------------------------------------------

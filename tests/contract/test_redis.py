@@ -7,6 +7,7 @@ separate process would.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -17,7 +18,9 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from resilient_payout._errors import StorageError, StorageUnavailable
-from resilient_payout._model import PayoutStatus
+from resilient_payout._model import AuditEntry, Cause, PayoutStatus
+from resilient_payout.storage import PayoutQuery
+from resilient_payout.storage import redis as redis_storage
 from resilient_payout.storage.redis import RedisStorage
 from resilient_payout.testing.contract import T0, make_outbox, make_payout
 
@@ -82,7 +85,11 @@ async def test_keys_stay_under_the_prefix_and_prefixes_are_isolated(
         final = replace(stored, status=PayoutStatus.COMPLETED, next_check_at=None)
         await storage.compare_and_set(final, expected_version=1, outbox=make_outbox())
         keys = {key async for key in admin.scan_iter(match=prefix + "*")}
-        assert keys == {prefix + k for k in ("p:p-1", "o:p-1", "idx:outbox", "counts")}
+        expected = {"p:p-1", "o:p-1", "idx:outbox", "counts", "schema"}
+        # The operator indexes: every payout by creation, per status, finals by last change
+        # (retention), and undelivered outcomes.
+        expected |= {"idx:created", "idx:st:completed", "idx:final", "idx:undelivered"}
+        assert keys == {prefix + k for k in expected}
         assert await admin.hget(prefix + "p:p-1", "v") == "2"
         assert await other.get("p-1") is None
         assert await other.count_by_status() == dict.fromkeys(PayoutStatus, 0)
@@ -111,6 +118,81 @@ async def test_outbox_entries_written_before_dead_lettering_need_no_migration(
         assert await admin.zrange(prefix + "idx:outbox", 0, -1) == []  # left the claimable set
         assert await admin.zrange(prefix + "idx:dead", 0, -1) == ["old"]
         assert await storage.count_dead_outbox() == 1
+    finally:
+        await storage.close()
+
+
+@needs_redis
+async def test_payouts_written_before_the_operator_indexes_are_filed_on_open(
+    redis_url: str, prefix: str, admin: aioredis.Redis
+) -> None:
+    # Keys as the previous release wrote them: hashes with v/doc/status only, no operator index.
+    conflict = AuditEntry(
+        T0 - 5, Cause.WEBHOOK, "conflict", PayoutStatus.COMPLETED, PayoutStatus.COMPLETED,
+        "webhook reported declined after final completed", conflict=True,
+    )  # fmt: skip
+    old = {
+        "open": make_payout("open", status=PayoutStatus.UNKNOWN, attempt_started_at=T0 - 900),
+        "done": make_payout(
+            "done", status=PayoutStatus.COMPLETED, next_check_at=None, created_at=T0 - 20
+        ),
+    }
+    old["done"] = replace(old["done"], audit=(*old["done"].audit, conflict))
+    for pid, payout in old.items():
+        doc = payout.to_dict()
+        del doc["version"]
+        await admin.hset(
+            f"{prefix}p:{pid}",
+            mapping={"v": "1", "doc": json.dumps(doc), "status": payout.status.value},
+        )
+        await admin.hincrby(prefix + "counts", payout.status.value, 1)
+    await admin.hset(
+        prefix + "o:done",
+        mapping={"status": "completed", "created_at": repr(T0), "at": repr(T0), "attempts": "2"},
+    )
+    storage = await _opened(redis_url, prefix)
+    try:
+        page = await storage.list_payouts(PayoutQuery())
+        assert [p.id for p in page.items] == ["done", "open"]  # oldest first
+        unknown = await storage.list_payouts(PayoutQuery(statuses={PayoutStatus.UNKNOWN}))
+        assert [p.id for p in unknown.items] == ["open"]
+        conflicts = await storage.list_payouts(PayoutQuery(conflicts_only=True))
+        assert [p.id for p in conflicts.items] == ["done"]
+        undelivered = await storage.list_payouts(PayoutQuery(undelivered_only=True))
+        assert [p.id for p in undelivered.items] == ["done"]
+        snap = await storage.ops_snapshot(T0 + 3600, late_after=600, failing_after=60)
+        assert (snap.open_past_window, snap.conflicts, snap.outbox_failing) == (1, 1, 1)
+        assert await admin.get(prefix + "schema") == "2"
+    finally:
+        await storage.close()
+
+
+@needs_redis
+async def test_a_listing_script_reads_a_bounded_number_of_entries(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filter the index does not serve (here: updated_at) may skip many entries; each call
+    reads at most _LIST_BUDGET of them and hands back a cursor where it stopped."""
+    monkeypatch.setattr(redis_storage, "_LIST_BUDGET", 4)
+    storage = await _opened(redis_url, prefix)
+    try:
+        for i in range(30):
+            updated = T0 + 100 if i in (3, 17, 18, 29) else T0
+            await storage.create_if_absent(
+                make_payout(f"p-{i:02}", created_at=T0 - 100 + i, updated_at=updated)
+            )
+        query = PayoutQuery(updated_after=T0 + 50, limit=2)
+        found: list[str] = []
+        calls = 0
+        while True:
+            calls += 1
+            page = await storage.list_payouts(query)
+            found += [p.id for p in page.items]
+            if page.next_cursor is None:
+                break
+            query = replace(query, cursor=page.next_cursor)
+        assert found == ["p-03", "p-17", "p-18", "p-29"]
+        assert calls >= 30 // 4  # bounded work per call
     finally:
         await storage.close()
 

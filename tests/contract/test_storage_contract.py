@@ -16,9 +16,10 @@ import anyio
 import pytest
 
 from resilient_payout._errors import StorageError, StorageUnavailable
-from resilient_payout._model import Payout, PayoutStatus
-from resilient_payout.storage import Storage, storage_from_url
+from resilient_payout._model import AuditEntry, Cause, Payout, PayoutStatus
+from resilient_payout.storage import PayoutQuery, Storage, storage_from_url
 from resilient_payout.storage.memory import MemoryStorage
+from resilient_payout.storage.sqlite import _MIGRATIONS as _SQLITE_MIGRATIONS
 from resilient_payout.storage.sqlite import SQLiteStorage
 from resilient_payout.testing.contract import (
     T0,
@@ -461,7 +462,7 @@ async def test_sqlite_upgrades_a_first_release_file_in_place(
             tg.start_soon(storage.open)
     try:
         applied = [r.getMessage() for r in caplog.records if "applied migrations" in r.message]
-        assert applied == [f"SQLite {db_path}: applied migrations 2..2"]
+        assert applied == [f"SQLite {db_path}: applied migrations 2..3"]
         old = make_outbox("old", status=PayoutStatus.COMPLETED)
         assert await storages[1].get_outbox("old") == replace(
             old, attempts=3, last_error="HTTP 502"
@@ -472,15 +473,60 @@ async def test_sqlite_upgrades_a_first_release_file_in_place(
         await storages[2].dead_letter_outbox("old", at=T0 + 1, error="gave up")
         assert await storages[3].claim_outbox(T0 + 60, owner="a", lease_seconds=30, limit=9) == []
         assert await storages[0].count_dead_outbox() == 1
+        # Step 3 gave the old entry its payout's creation time: it lists as undelivered.
+        undelivered = await storages[1].list_payouts(PayoutQuery(undelivered_only=True))
+        assert [p.id for p in undelivered.items] == ["old"]
     finally:
         for storage in storages:
             await storage.close()
     with contextlib.closing(sqlite3.connect(db_path)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (2,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (3,)
         (index_sql,) = raw.execute(
             "SELECT sql FROM sqlite_master WHERE name = 'outbox_due'"
         ).fetchone()
+        # Step 3 filled the indexed columns from the document of the row already there.
+        columns = raw.execute(
+            "SELECT created_at, updated_at, has_conflict, partner_ref FROM payouts"
+        ).fetchone()
     assert "dead_at IS NULL" in index_sql  # dead entries left the claimable index
+    assert columns == (T0 - 10, T0 - 10, 0, None)
+
+
+async def test_sqlite_step_3_fills_the_operator_columns_from_the_documents(
+    db_path: Path,
+) -> None:
+    """A file at schema 2 with a conflicted final payout holding a partner reference."""
+    conflict = AuditEntry(
+        T0 - 5, Cause.WEBHOOK, "conflict", PayoutStatus.COMPLETED, PayoutStatus.COMPLETED,
+        "webhook reported declined after final completed", conflict=True,
+    )  # fmt: skip
+    done = make_payout("done", status=PayoutStatus.COMPLETED, next_check_at=None)
+    done = replace(done, partner_ref="ref-1", audit=(*done.audit, conflict), updated_at=T0 - 1)
+    late = make_payout("late", status=PayoutStatus.UNKNOWN, attempt_started_at=T0 - 900)
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
+        raw.execute("BEGIN IMMEDIATE")
+        for step in _SQLITE_MIGRATIONS[:2]:
+            for statement in step:
+                raw.execute(statement)
+        for payout in (done, late):
+            doc = payout.to_dict()
+            del doc["version"]
+            raw.execute(
+                "INSERT INTO payouts (id, version, status, doc) VALUES (?, 1, ?, ?)",
+                (payout.id, payout.status.value, json.dumps(doc)),
+            )
+        raw.execute("PRAGMA user_version = 2")
+        raw.execute("COMMIT")
+    storage = await _opened(db_path)
+    try:
+        conflicts = await storage.list_payouts(PayoutQuery(conflicts_only=True))
+        assert conflicts.items == [replace(done, version=1)]
+        assert await storage.get_by_partner_ref("ref-1") == replace(done, version=1)
+        snap = await storage.ops_snapshot(T0, late_after=600, failing_after=60)
+        assert (snap.oldest_open_age, snap.open_past_window, snap.conflicts) == (10.0, 1, 1)
+        assert await storage.prune(T0, dry_run=True, limit=10) == 1
+    finally:
+        await storage.close()
 
 
 async def test_sqlite_outbox_insert_fails_with_its_compare_and_set(db_path: Path) -> None:

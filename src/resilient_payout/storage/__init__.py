@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigurationError
 from ._base import Storage
+from ._query import MAX_PAGE, OpsSnapshot, PayoutPage, PayoutQuery
 from .memory import MemoryStorage
 from .sqlite import SQLiteStorage
 
@@ -24,7 +25,11 @@ if TYPE_CHECKING:
     from .redis import RedisStorage
 
 __all__ = [
+    "MAX_PAGE",
     "MemoryStorage",
+    "OpsSnapshot",
+    "PayoutPage",
+    "PayoutQuery",
     "PostgresStorage",
     "RedisStorage",
     "SQLiteStorage",

@@ -7,6 +7,9 @@ one database. Storage never reads a clock: callers pass ``now``.
 
 Versions belong to storage: a created payout has version 1, and each successful compare-and-set
 stores version ``expected_version + 1`` and returns the record as stored.
+
+Partner references are unique: a write that would give a payout a ``partner_ref`` another
+payout holds raises :class:`~resilient_payout.PartnerReferenceTaken` and writes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from .._model import OutboxEntry, Payout, PayoutStatus
+from ._query import OpsSnapshot, PayoutPage, PayoutQuery
 
 __all__ = ["Storage"]
 
@@ -32,6 +36,8 @@ class Storage(Protocol):
         """Store ``payout`` unless its id exists. Returns (the stored record, created?).
 
         Atomic: of any number of concurrent calls with one id, exactly one returns created=True.
+        A new payout carrying a ``partner_ref`` another payout holds raises
+        :class:`~resilient_payout.PartnerReferenceTaken` and is not stored.
         """
         ...
 
@@ -48,6 +54,11 @@ class Storage(Protocol):
         it, inserts ``outbox`` (if given and no entry for this payout exists yet) in the same
         atomic step, and returns the stored record. Returns None if the version moved on (a lost
         race: re-read and decide again) or the payout does not exist.
+
+        If ``payout.partner_ref`` is held by a *different* payout, raises
+        :class:`~resilient_payout.PartnerReferenceTaken` and changes nothing (no record, no
+        outbox entry). A record without a ``partner_ref`` keeps the reference stored for it:
+        a reference is never removed (pruning aside).
         """
         ...
 
@@ -92,8 +103,10 @@ class Storage(Protocol):
 
     async def requeue_outbox(self, payout_id: str, *, next_attempt_at: float) -> bool:
         """Make the entry claimable again at ``next_attempt_at`` (an operator's decision): clears
-        ``dead_at`` and ``delivered_at`` and releases the lease; ``attempts`` and
-        ``last_error`` stay as history. False if the payout has no entry."""
+        ``dead_at`` and ``delivered_at``, releases the lease and gives it a fresh delivery
+        schedule (``attempts``, the round counter dead-lettering counts, back to 0), so it gets
+        ``notify_max_rounds`` rounds again; ``last_error`` stays as history. False if the
+        payout has no entry."""
         ...
 
     async def count_dead_outbox(self) -> int:
@@ -106,4 +119,30 @@ class Storage(Protocol):
 
     async def count_by_status(self) -> dict[PayoutStatus, int]:
         """How many payouts are in each status (for metrics)."""
+        ...
+
+    async def get_by_partner_ref(self, partner_ref: str) -> Payout | None:
+        """The payout holding this partner reference, or None."""
+        ...
+
+    async def list_payouts(self, query: PayoutQuery) -> PayoutPage:
+        """One page of the payouts matching ``query``, oldest ``(created_at, id)`` first, after
+        its cursor. Served from indexes: a page costs about ``limit`` index entries (plus those
+        a filter not served by the chosen index skips), however many payouts are stored."""
+        ...
+
+    async def ops_snapshot(
+        self, now: float, *, late_after: float, failing_after: float
+    ) -> OpsSnapshot:
+        """The figures of :class:`~resilient_payout.storage.OpsSnapshot` at ``now``, from
+        indexes (cheap enough for every metrics scrape)."""
+        ...
+
+    async def prune(self, before: float, *, dry_run: bool, limit: int) -> int:
+        """Delete up to ``limit`` final payouts last updated before ``before`` whose outbox entry
+        is delivered (or that have none), with their entries and partner references; how many
+        were deleted (``dry_run``: would be, deleting nothing). Each call is atomic.
+
+        A pruned id is forgotten: the same id submitted again is a new payout (idempotency no
+        longer covers it)."""
         ...

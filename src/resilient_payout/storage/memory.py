@@ -9,18 +9,105 @@ from __future__ import annotations
 
 import copy
 import heapq
+from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
 from anyio.lowlevel import checkpoint
 
+from .._errors import PartnerReferenceTaken
 from .._model import OutboxEntry, Payout, PayoutStatus
+from ._query import OpsSnapshot, PayoutPage, PayoutQuery, has_conflict, page_of
 
 __all__ = ["MemoryStorage"]
 
 _Key = Callable[[str], float | None]
+_Pos = tuple[float, str]
+"""A payout's place in listings: ``(created_at, id)``."""
+_LOAD: Final = 512
+
+
+class _SortedKeys:
+    """A sorted set of positions kept as sublists of at most ``2 * _LOAD`` items, so adding or
+    removing one costs O(log n + _LOAD) however many there are (one flat sorted list would
+    move n pointers per insert in the middle)."""
+
+    __slots__ = ("_lists", "_maxes", "_size")
+
+    def __init__(self) -> None:
+        self._lists: list[list[_Pos]] = []
+        self._maxes: list[_Pos] = []
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, key: _Pos) -> None:
+        if not self._lists:
+            self._lists, self._maxes, self._size = [[key]], [key], 1
+            return
+        i = bisect_left(self._maxes, key)
+        if i == len(self._maxes):  # after everything: the common case, ids arrive in time order
+            i -= 1
+            self._lists[i].append(key)
+            self._maxes[i] = key
+        else:
+            sub = self._lists[i]
+            j = bisect_left(sub, key)
+            if j < len(sub) and sub[j] == key:
+                return
+            sub.insert(j, key)
+        self._size += 1
+        sub = self._lists[i]
+        if len(sub) > 2 * _LOAD:
+            self._lists[i : i + 1] = [sub[:_LOAD], sub[_LOAD:]]
+            self._maxes[i : i + 1] = [sub[_LOAD - 1], sub[-1]]
+
+    def discard(self, key: _Pos) -> None:
+        i = bisect_left(self._maxes, key)
+        if i == len(self._maxes):
+            return
+        sub = self._lists[i]
+        j = bisect_left(sub, key)
+        if j == len(sub) or sub[j] != key:
+            return
+        del sub[j]
+        self._size -= 1
+        if not sub:
+            del self._lists[i]
+            del self._maxes[i]
+        elif j == len(sub):
+            self._maxes[i] = sub[-1]
+
+    def first(self) -> _Pos | None:
+        return self._lists[0][0] if self._lists else None
+
+    def count_before(self, key: _Pos) -> int:
+        """How many positions sort before ``key``: O(n / _LOAD + log n)."""
+        i = bisect_left(self._maxes, key)
+        if i == len(self._maxes):
+            return self._size
+        return sum(len(sub) for sub in self._lists[:i]) + bisect_left(self._lists[i], key)
+
+    def after(self, key: _Pos | None) -> Iterator[_Pos]:
+        """The positions after ``key`` (all of them for None), in order. No change may be made
+        while iterating."""
+        i, j = 0, 0
+        if key is not None:
+            i = bisect_right(self._maxes, key)
+            if i == len(self._maxes):
+                return
+            j = bisect_right(self._lists[i], key)
+        for sub in self._lists[i:]:
+            for n in range(j, len(sub)):
+                yield sub[n]
+            j = 0
+
+
+def _pos(payout: Payout) -> _Pos:
+    return payout.created_at, payout.id
 
 
 class _DueIndex:
@@ -117,6 +204,18 @@ class MemoryStorage:
         self._ready = _DueIndex(self._due_key, self._live_due, size)
         self._leased = _DueIndex(self._lease_key, self._live_leases, size)
         self._outbox_due = _DueIndex(self._outbox_key, self._live_outbox, self._outbox.__len__)
+        # Listing indexes by (created_at, id), maintained with every write.
+        self._by_created = _SortedKeys()
+        self._by_status = {s: _SortedKeys() for s in PayoutStatus}
+        self._conflicts = _SortedKeys()
+        self._undelivered = _SortedKeys()
+        """Payouts whose outbox entry is not delivered (dead or not)."""
+        self._attempts = _SortedKeys()
+        """Open payouts by ``(attempt_started_at, id)``."""
+        self._refs: dict[str, str] = {}
+        """Partner reference -> the id of the payout holding it."""
+        self._ref_of: dict[str, str] = {}
+        """Payout id -> the partner reference stored for it."""
 
     # -- index keys ---------------------------------------------------------------------------
 
@@ -154,6 +253,52 @@ class MemoryStorage:
     def _out(payout: Payout) -> Payout:
         return replace(payout, request=_copy(payout.request))
 
+    def _check_ref(self, payout: Payout) -> None:
+        ref = payout.partner_ref
+        if ref is not None:
+            holder = self._refs.get(ref)
+            if holder is not None and holder != payout.id:
+                raise PartnerReferenceTaken(ref, holder)
+
+    def _index(self, old: Payout | None, new: Payout | None) -> None:
+        """Move a payout's listing index entries from ``old`` to ``new`` (None: absent)."""
+        if old is not None and old.attempt_started_at is not None:
+            self._attempts.discard((old.attempt_started_at, old.id))
+        if new is not None and new.attempt_started_at is not None and not new.is_final:
+            self._attempts.add((new.attempt_started_at, new.id))
+        if old is not None and (new is None or _pos(old) != _pos(new)):
+            key = _pos(old)
+            for index in (self._by_created, self._by_status[old.status]):
+                index.discard(key)
+            self._conflicts.discard(key)
+            self._undelivered.discard(key)
+            old = None
+        if new is None:
+            return
+        key = _pos(new)
+        if old is None:
+            self._by_created.add(key)
+            self._by_status[new.status].add(key)
+        elif old.status is not new.status:
+            self._by_status[old.status].discard(key)
+            self._by_status[new.status].add(key)
+        if has_conflict(new):
+            self._conflicts.add(key)  # the audit only grows: never removed but with the payout
+        if self._undelivered_entry(new.id):
+            self._undelivered.add(key)
+        ref = new.partner_ref
+        if ref is not None and self._ref_of.get(new.id) != ref:
+            # The stored reference follows the record; a record without one keeps it.
+            previous = self._ref_of.get(new.id)
+            if previous is not None:
+                self._refs.pop(previous, None)
+            self._refs[ref] = new.id
+            self._ref_of[new.id] = ref
+
+    def _undelivered_entry(self, payout_id: str) -> bool:
+        e = self._outbox.get(payout_id)
+        return e is not None and e.delivered_at is None
+
     # -- the contract -------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -169,9 +314,11 @@ class MemoryStorage:
         existing = self._payouts.get(payout.id)
         if existing is not None:
             return self._out(existing), False
+        self._check_ref(payout)
         stored = replace(payout, version=1, request=_copy(payout.request))
         self._payouts[payout.id] = stored
         self._counts[stored.status] += 1
+        self._index(None, stored)
         key = self._due_key(payout.id)
         self._scheduled.push(key, payout.id)
         self._ready.push(key, payout.id)
@@ -191,6 +338,7 @@ class MemoryStorage:
         current = self._payouts.get(payout.id)
         if current is None or current.version != expected_version:
             return None
+        self._check_ref(payout)
         old_key = self._due_key(payout.id)
         stored = replace(payout, version=expected_version + 1, request=_copy(payout.request))
         self._payouts[payout.id] = stored
@@ -207,6 +355,7 @@ class MemoryStorage:
             self._outbox_due.push(self._outbox_key(outbox.payout_id), outbox.payout_id)
             if outbox.dead_at is not None:
                 self._dead.add(outbox.payout_id)
+        self._index(current, stored)
         return self._out(stored)
 
     async def claim_due(
@@ -265,6 +414,9 @@ class MemoryStorage:
         if e is not None and e.delivered_at is None:
             self._outbox[payout_id] = replace(e, delivered_at=delivered_at, dead_at=None)
             self._dead.discard(payout_id)
+            p = self._payouts.get(payout_id)
+            if p is not None:
+                self._undelivered.discard(_pos(p))
 
     async def retry_outbox(self, payout_id: str, *, next_attempt_at: float, error: str) -> None:
         await checkpoint()
@@ -291,10 +443,13 @@ class MemoryStorage:
         if e is None:
             return False
         self._outbox[payout_id] = replace(
-            e, next_attempt_at=next_attempt_at, delivered_at=None, dead_at=None
+            e, next_attempt_at=next_attempt_at, delivered_at=None, dead_at=None, attempts=0
         )
         self._dead.discard(payout_id)
         self._outbox_due.push(next_attempt_at, payout_id)
+        p = self._payouts.get(payout_id)
+        if p is not None:
+            self._undelivered.add(_pos(p))
         return True
 
     async def count_dead_outbox(self) -> int:
@@ -308,3 +463,82 @@ class MemoryStorage:
     async def count_by_status(self) -> dict[PayoutStatus, int]:
         await checkpoint()
         return {s: self._counts[s] for s in PayoutStatus}
+
+    # -- operators -------------------------------------------------------------------------------
+
+    async def get_by_partner_ref(self, partner_ref: str) -> Payout | None:
+        await checkpoint()
+        pid = self._refs.get(partner_ref)
+        p = None if pid is None else self._payouts.get(pid)
+        return None if p is None else self._out(p)
+
+    async def list_payouts(self, query: PayoutQuery) -> PayoutPage:
+        await checkpoint()
+        start: _Pos | None = query.after
+        if query.created_after is not None and (start is None or start[0] < query.created_after):
+            start = (query.created_after, "")  # "" sorts before every id: created_after included
+        index: Iterator[_Pos]
+        if query.undelivered_only:
+            index = self._undelivered.after(start)
+        elif query.conflicts_only:
+            index = self._conflicts.after(start)
+        elif query.statuses is not None:
+            index = heapq.merge(*(self._by_status[s].after(start) for s in query.statuses))
+        else:
+            index = self._by_created.after(start)
+        found: list[Payout] = []
+        for created_at, pid in index:
+            if query.created_before is not None and created_at >= query.created_before:
+                break
+            p = self._payouts[pid]
+            if query.matches(p, undelivered=self._undelivered_entry(pid)):
+                found.append(self._out(p))
+                if len(found) > query.limit:
+                    break
+        return page_of(found, query.limit)
+
+    async def ops_snapshot(
+        self, now: float, *, late_after: float, failing_after: float
+    ) -> OpsSnapshot:
+        await checkpoint()
+        open_ = [s for s in PayoutStatus if not s.is_final]
+        firsts = [k for k in (self._by_status[s].first() for s in open_) if k is not None]
+        oldest = min(firsts)[0] if firsts else None
+        late = self._attempts.count_before((now - late_after, ""))
+        failing = 0
+        for _, pid in self._undelivered.after(None):
+            e = self._outbox[pid]
+            failing += e.dead_at is None and e.attempts > 0 and e.created_at < now - failing_after
+        return OpsSnapshot(
+            oldest_open_age=None if oldest is None else now - oldest,
+            open_past_window=late,
+            conflicts=len(self._conflicts),
+            outbox_failing=failing,
+            outbox_dead=len(self._dead),
+        )
+
+    async def prune(self, before: float, *, dry_run: bool, limit: int) -> int:
+        await checkpoint()
+        doomed: list[str] = []
+        for s in PayoutStatus:
+            if not s.is_final:
+                continue
+            for _, pid in self._by_status[s].after(None):
+                if len(doomed) >= limit:
+                    break
+                p = self._payouts[pid]
+                if p.updated_at < before and not self._undelivered_entry(pid):
+                    doomed.append(pid)
+        if dry_run:
+            return len(doomed)
+        for pid in doomed:
+            p = self._payouts.pop(pid)
+            self._index(p, None)
+            self._counts[p.status] -= 1
+            self._leases.pop(pid, None)
+            self._outbox.pop(pid, None)
+            self._dead.discard(pid)
+            ref = self._ref_of.pop(pid, None)
+            if ref is not None:
+                self._refs.pop(ref, None)
+        return len(doomed)

@@ -30,12 +30,17 @@ from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
-import asyncpg
 
-from .._errors import ConfigurationError, StorageError, StorageUnavailable
+from .._errors import ConfigurationError, PartnerReferenceTaken, StorageError, StorageUnavailable
+from .._extras import needs_extra
 from .._model import OutboxEntry, Payout, PayoutStatus
 from .._urls import redact_url as _redacted
 from ._codec import decode_outbox, decode_payout, encode_payout, outbox_values, translated
+from ._query import OpsSnapshot, PayoutPage, PayoutQuery, page_of
+from ._sql import Listing, index_values, listing_sql
+
+with needs_extra("postgres", "PostgreSQL storage (postgresql:// URLs)"):
+    import asyncpg
 
 __all__ = ["MIGRATIONS", "PostgresStorage"]
 
@@ -91,6 +96,41 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         WHERE delivered_at IS NULL AND dead_at IS NULL;
     CREATE INDEX outbox_dead ON {s}.outbox (payout_id) WHERE dead_at IS NOT NULL;
     """,
+    # 3: what operators query (listing, alert figures, retention) and partner references, as
+    # columns beside the document, filled from it for the rows already there (one UPDATE of
+    # every row: on a big table, run migrate() in a quiet hour).
+    f"""
+    ALTER TABLE {{s}}.payouts
+        ADD COLUMN created_at double precision,
+        ADD COLUMN updated_at double precision,
+        ADD COLUMN attempt_started_at double precision,
+        ADD COLUMN has_conflict boolean NOT NULL DEFAULT false,
+        ADD COLUMN partner_ref text COLLATE "C";
+    ALTER TABLE {{s}}.outbox ADD COLUMN payout_created_at double precision;
+    UPDATE {{s}}.payouts SET
+        created_at = (doc->>'created_at')::float8,
+        updated_at = (doc->>'updated_at')::float8,
+        attempt_started_at = (doc->>'attempt_started_at')::float8,
+        partner_ref = doc->>'partner_ref',
+        has_conflict = EXISTS (
+            SELECT 1 FROM json_array_elements(doc->'audit') AS a
+            WHERE (a->>'conflict')::boolean
+        );
+    UPDATE {{s}}.outbox o SET payout_created_at = p.created_at
+        FROM {{s}}.payouts p WHERE p.id = o.payout_id;
+    CREATE UNIQUE INDEX payouts_partner_ref ON {{s}}.payouts (partner_ref)
+        WHERE partner_ref IS NOT NULL;
+    DROP INDEX {{s}}.payouts_status;
+    CREATE INDEX payouts_created ON {{s}}.payouts (created_at, id);
+    CREATE INDEX payouts_status_created ON {{s}}.payouts (status, created_at, id);
+    CREATE INDEX payouts_conflicts ON {{s}}.payouts (created_at, id) WHERE has_conflict;
+    CREATE INDEX payouts_open_attempt ON {{s}}.payouts (attempt_started_at)
+        WHERE status NOT IN ({_FINAL_SQL});
+    CREATE INDEX payouts_final_updated ON {{s}}.payouts (updated_at)
+        WHERE status IN ({_FINAL_SQL});
+    CREATE INDEX outbox_undelivered ON {{s}}.outbox (payout_created_at, payout_id)
+        WHERE delivered_at IS NULL;
+    """,  # noqa: S608 -- DDL of constants
 )
 """The schema, step by step: step ``i`` (1-based) takes the schema from version ``i - 1`` to
 ``i``. Only ever append; ``{s}`` is the quoted schema name."""
@@ -111,16 +151,25 @@ SELECT EXISTS (
 """
 
 _CREATE = """
-INSERT INTO {s}.payouts (id, version, status, next_check_at, doc) VALUES ($1, 1, $2, $3, $4)
+INSERT INTO {s}.payouts (id, version, status, next_check_at, doc,
+                         created_at, updated_at, attempt_started_at, has_conflict, partner_ref)
+VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (id) DO NOTHING
 RETURNING version
 """
 
 _GET = "SELECT version, doc FROM {s}.payouts WHERE id = $1"
 
+_GET_BY_REF = "SELECT version, doc FROM {s}.payouts WHERE partner_ref = $1"
+
+_REF_HOLDER = "SELECT id FROM {s}.payouts WHERE partner_ref = $1"
+
+# A record without a partner reference keeps the one stored (references are never removed).
 _CAS = """
 UPDATE {s}.payouts
 SET version = version + 1, status = $3, next_check_at = $4, doc = $5,
+    created_at = $6, updated_at = $7, attempt_started_at = $8, has_conflict = $9,
+    partner_ref = coalesce($10, partner_ref),
     lease_owner = NULL, lease_until = NULL
 WHERE id = $1 AND version = $2
 RETURNING version
@@ -131,14 +180,17 @@ _CAS_WITH_OUTBOX = """
 WITH changed AS (
     UPDATE {s}.payouts
     SET version = version + 1, status = $3, next_check_at = $4, doc = $5,
+        created_at = $13, updated_at = $14, attempt_started_at = $15, has_conflict = $16,
+        partner_ref = coalesce($17, partner_ref),
         lease_owner = NULL, lease_until = NULL
     WHERE id = $1 AND version = $2
     RETURNING id, version
 ), queued AS (
     INSERT INTO {s}.outbox
         (payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error,
-         dead_at)
-    SELECT id, $6::text, $7::float8, $8::float8, $9::integer, $10::float8, $11::text, $12::float8
+         dead_at, payout_created_at)
+    SELECT id, $6::text, $7::float8, $8::float8, $9::integer, $10::float8, $11::text, $12::float8,
+        $13::float8
     FROM changed
     ON CONFLICT (payout_id) DO NOTHING
 )
@@ -211,9 +263,10 @@ SET attempts = attempts + 1, dead_at = $2, last_error = $3, lease_owner = NULL, 
 WHERE payout_id = $1 AND delivered_at IS NULL AND dead_at IS NULL
 """
 
+# A fresh schedule: the round counter starts again (last_error stays, as history).
 _REQUEUE_OUTBOX = """
 UPDATE {s}.outbox
-SET next_attempt_at = $2, dead_at = NULL, delivered_at = NULL,
+SET next_attempt_at = $2, dead_at = NULL, delivered_at = NULL, attempts = 0,
     lease_owner = NULL, lease_until = NULL
 WHERE payout_id = $1
 RETURNING 1
@@ -222,6 +275,50 @@ RETURNING 1
 _COUNT_DEAD = "SELECT count(*) FROM {s}.outbox WHERE dead_at IS NOT NULL"
 
 _COUNT = "SELECT status, count(*) FROM {s}.payouts GROUP BY status"
+
+_OPEN: Final = tuple(s.value for s in PayoutStatus if not s.is_final)
+
+# One statement: one snapshot. Each figure reads one index (a min per open status reads one
+# entry of payouts_status_created).
+_OPS = f"""
+SELECT {
+    ", ".join(f"(SELECT min(created_at) FROM {{s}}.payouts WHERE status = '{st}')" for st in _OPEN)
+},
+    (SELECT count(*) FROM {{s}}.payouts
+     WHERE attempt_started_at < $1 AND status NOT IN ({_FINAL_SQL})),
+    (SELECT count(*) FROM {{s}}.payouts WHERE has_conflict),
+    (SELECT count(*) FROM {{s}}.outbox
+     WHERE delivered_at IS NULL AND dead_at IS NULL AND attempts > 0 AND created_at < $2),
+    (SELECT count(*) FROM {{s}}.outbox WHERE dead_at IS NOT NULL)
+"""  # noqa: S608 -- constants and placeholders only
+
+_PRUNABLE = f"""
+SELECT p.id FROM {{s}}.payouts p
+WHERE p.status IN ({_FINAL_SQL}) AND p.updated_at < $1
+  AND NOT EXISTS (
+      SELECT 1 FROM {{s}}.outbox o WHERE o.payout_id = p.id AND o.delivered_at IS NULL
+  )
+ORDER BY p.updated_at
+LIMIT $2
+"""  # noqa: S608 -- constants and placeholders only
+
+_PRUNE_DRY = "SELECT count(*) FROM (" + _PRUNABLE + ") AS prunable"  # noqa: S608
+
+# One statement. Rows are locked as they are chosen (rows a writer holds are skipped) and
+# checked again as they are deleted; an outbox entry re-queued meanwhile is not deleted (it is
+# still pushed, with the payout gone).
+_PRUNE = f"""
+WITH doomed AS MATERIALIZED ({_PRUNABLE} FOR UPDATE OF p SKIP LOCKED),
+gone AS (
+    DELETE FROM {{s}}.payouts p USING doomed
+    WHERE p.id = doomed.id AND p.status IN ({_FINAL_SQL}) AND p.updated_at < $1
+    RETURNING p.id
+), outbox_gone AS (
+    DELETE FROM {{s}}.outbox o USING gone
+    WHERE o.payout_id = gone.id AND o.delivered_at IS NOT NULL
+)
+SELECT count(*) FROM gone
+"""  # noqa: S608 -- constants and placeholders only
 
 # Errors that mean "not now": the server is unreachable, restarting, overloaded, or dropped our
 # connection, or the statement timed out. Anything else from PostgreSQL is a plain StorageError.
@@ -313,10 +410,22 @@ class PostgresStorage:
                 "requeue_outbox": _REQUEUE_OUTBOX,
                 "count_dead": _COUNT_DEAD,
                 "count": _COUNT,
+                "get_by_ref": _GET_BY_REF,
+                "ref_holder": _REF_HOLDER,
+                "ops": _OPS,
+                "prune": _PRUNE,
+                "prune_dry": _PRUNE_DRY,
                 "migrations_table": _MIGRATIONS_TABLE,
             }.items()
         }
         self._migrations = [m.format(s=q) for m in MIGRATIONS]
+        self._listing = Listing(
+            payouts=f"{q}.payouts",
+            outbox=f"{q}.outbox",
+            placeholder=lambda n: f"${n}",
+            conflict="p.has_conflict",
+            outbox_join=f"{q}.outbox o JOIN {q}.payouts p ON p.id = o.payout_id",
+        )
 
     @classmethod
     def from_url(cls, url: str) -> PostgresStorage:
@@ -472,6 +581,10 @@ class PostgresStorage:
         return self._pool
 
     async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        """The statement named ``name`` (see :meth:`_fetch_sql`)."""
+        return await self._fetch_sql(self._sql[name], *args)
+
+    async def _fetch_sql(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """One statement, in its own implicit transaction; its rows.
 
         A statement that finds its pooled connection dead (the server restarted, or an admin
@@ -487,7 +600,7 @@ class PostgresStorage:
                 with _translated():
                     conn = await self._acquire(pool)
                     try:
-                        return await conn.fetch(self._sql[name], *args)
+                        return await conn.fetch(sql, *args)
                     finally:
                         await pool.release(conn)
             except StorageUnavailable as exc:
@@ -518,12 +631,32 @@ class PostgresStorage:
 
     async def create_if_absent(self, payout: Payout) -> tuple[Payout, bool]:
         doc = encode_payout(payout)
-        if await self._fetch("create", payout.id, payout.status.value, payout.next_check_at, doc):
-            return decode_payout(1, doc), True
-        # A separate statement, so it runs on a snapshot that includes the conflicting insert
-        # (which had to commit before ours could see the conflict). Rows are never deleted.
-        ((version, existing),) = await self._fetch("get", payout.id)
-        return decode_payout(version, existing), False
+        args = (payout.id, payout.status.value, payout.next_check_at, doc, *index_values(payout))
+        for _ in range(3):
+            if await self._write(payout, "create", *args):
+                return decode_payout(1, doc), True
+            # A separate statement, so it runs on a snapshot that includes the conflicting
+            # insert (which had to commit before ours could see the conflict). Only prune
+            # deletes rows: a row pruned in between is inserted again.
+            rows = await self._fetch("get", payout.id)
+            if rows:
+                return decode_payout(*rows[0]), False
+        raise StorageUnavailable(f"PostgreSQL: payout {payout.id!r} kept being pruned")
+
+    async def _write(self, payout: Payout, name: str, *args: Any) -> list[asyncpg.Record]:
+        """A write of ``payout``; the unique index's refusal as PartnerReferenceTaken."""
+        try:
+            return await self._fetch(name, *args)
+        except StorageError as exc:
+            cause = exc.__cause__
+            if (
+                payout.partner_ref is None
+                or not isinstance(cause, asyncpg.UniqueViolationError)
+                or "partner_ref" not in (cause.constraint_name or "")
+            ):
+                raise
+        rows = await self._fetch("ref_holder", payout.partner_ref)
+        raise PartnerReferenceTaken(payout.partner_ref, rows[0][0] if rows else None)
 
     async def get(self, payout_id: str) -> Payout | None:
         rows = await self._fetch("get", payout_id)
@@ -537,9 +670,10 @@ class PostgresStorage:
         doc = encode_payout(payout)
         cas = (payout.id, expected_version, payout.status.value, payout.next_check_at, doc)
         if outbox is None:
-            rows = await self._fetch("cas", *cas)
+            rows = await self._write(payout, "cas", *cas, *index_values(payout))
         else:
-            rows = await self._fetch("cas_outbox", *cas, *outbox_values(outbox))
+            args = (*cas, *outbox_values(outbox), *index_values(payout))
+            rows = await self._write(payout, "cas_outbox", *args)
         return decode_payout(rows[0][0], doc) if rows else None
 
     async def claim_due(
@@ -591,3 +725,28 @@ class PostgresStorage:
         for status, n in await self._fetch("count"):
             counts[PayoutStatus(status)] = n
         return counts
+
+    # -- operators -------------------------------------------------------------------------------
+
+    async def get_by_partner_ref(self, partner_ref: str) -> Payout | None:
+        rows = await self._fetch("get_by_ref", partner_ref)
+        return decode_payout(*rows[0]) if rows else None
+
+    async def list_payouts(self, query: PayoutQuery) -> PayoutPage:
+        sql, params = listing_sql(query, self._listing)
+        rows = await self._fetch_sql(sql, *params)
+        return page_of((decode_payout(r[0], r[1]) for r in rows), query.limit)
+
+    async def ops_snapshot(
+        self, now: float, *, late_after: float, failing_after: float
+    ) -> OpsSnapshot:
+        ((*oldest, late, conflicts, failing, dead),) = await self._fetch(
+            "ops", now - late_after, now - failing_after
+        )
+        return OpsSnapshot.of(now, oldest, late, conflicts, failing, dead)
+
+    async def prune(self, before: float, *, dry_run: bool, limit: int) -> int:
+        if limit <= 0:
+            return 0
+        rows = await self._fetch("prune_dry" if dry_run else "prune", before, limit)
+        return int(rows[0][0])

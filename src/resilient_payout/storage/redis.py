@@ -35,15 +35,19 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
-import redis.asyncio as aioredis
-import redis.exceptions as rex
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
-from .._errors import StorageError
+from .._errors import PartnerReferenceTaken, StorageError
+from .._extras import needs_extra
 from .._model import OutboxEntry, Payout, PayoutStatus
 from .._urls import redact_url as _redacted
 from ._codec import decode_outbox, decode_payout, encode_payout, translated
+from ._query import OpsSnapshot, PayoutPage, PayoutQuery, encode_cursor, has_conflict, page_of
+
+with needs_extra("redis", "Redis storage (redis:// URLs)"):
+    import redis.asyncio as aioredis
+    import redis.exceptions as rex
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
 
 if TYPE_CHECKING:
     from ..reconcile.redis import RedisCheckBudget as RedisCheckBudget
@@ -63,22 +67,88 @@ _UNAVAILABLE: Final = (
     OSError,
 )
 
-_CREATE = """
+# The operator indexes of one payout after a write (create, compare-and-set, re-index): every
+# list is scored by created_at (c), except idx:final (by updated_at, for prune) and idx:attempt
+# (by attempt_started_at, for the alert figure). `old` is what the hash held before ({} for a
+# new payout); the partner reference follows the record, and a record without one keeps it.
+_INDEX = """
+local function index(pre, id, old, st, c, u, as, cf, ref, final)
+  local moved = old.c ~= c
+  if moved or old.status ~= st then
+    if old.status then redis.call('ZREM', pre .. 'idx:st:' .. old.status, id) end
+    redis.call('ZADD', pre .. 'idx:st:' .. st, c, id)
+  end
+  if moved then
+    redis.call('ZADD', pre .. 'idx:created', c, id)
+    if redis.call('ZSCORE', pre .. 'idx:undelivered', id) then
+      redis.call('ZADD', pre .. 'idx:undelivered', c, id)
+    end
+    if old.cf == '1' then redis.call('ZADD', pre .. 'idx:conflict', c, id) end
+  end
+  if cf == '1' and (moved or old.cf ~= '1') then
+    redis.call('ZADD', pre .. 'idx:conflict', c, id)
+  end
+  if final == '1' then
+    redis.call('ZADD', pre .. 'idx:final', u, id)
+    redis.call('ZREM', pre .. 'idx:attempt', id)
+  else
+    if old.final == '1' then redis.call('ZREM', pre .. 'idx:final', id) end
+    if as ~= '' then
+      redis.call('ZADD', pre .. 'idx:attempt', as, id)
+    else
+      redis.call('ZREM', pre .. 'idx:attempt', id)
+    end
+  end
+  local fields = {'c', c, 'u', u}
+  if cf == '1' then fields[#fields + 1] = 'cf'; fields[#fields + 1] = '1' end
+  if ref ~= '' and old.ref ~= ref then
+    if old.ref and redis.call('GET', pre .. 'ref:' .. old.ref) == id then
+      redis.call('DEL', pre .. 'ref:' .. old.ref)
+    end
+    redis.call('SET', pre .. 'ref:' .. ref, id)
+    fields[#fields + 1] = 'ref'; fields[#fields + 1] = ref
+  end
+  redis.call('HSET', pre .. 'p:' .. id, unpack(fields))
+end
+
+local function ref_holder(pre, id, ref)
+  if ref == '' then return nil end
+  local holder = redis.call('GET', pre .. 'ref:' .. ref)
+  if holder and holder ~= id then return holder end
+  return nil
+end
+"""
+
+_CREATE = (
+    _INDEX
+    + """
 local found = redis.call('HMGET', KEYS[1], 'v', 'doc')
 if found[1] then return {0, found[1], found[2]} end
+local holder = ref_holder(ARGV[6], ARGV[1], ARGV[11])
+if holder then return {2, holder} end
 redis.call('HSET', KEYS[1], 'v', '1', 'doc', ARGV[4], 'status', ARGV[2])
 if ARGV[3] ~= '' and ARGV[5] == '0' then
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 end
 redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
+index(ARGV[6], ARGV[1], {}, ARGV[2], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[5])
 return {1}
 """
+)
 
-_CAS = """
-local v = redis.call('HGET', KEYS[1], 'v')
+_CAS = (
+    _INDEX
+    + """
+local cur = redis.call('HMGET', KEYS[1], 'v', 'status', 'c', 'cf', 'ref')
+local v = cur[1]
 if not v or tonumber(v) ~= tonumber(ARGV[2]) then return false end
-local old = redis.call('HGET', KEYS[1], 'status')
+local pre = ARGV[15]
+local holder = ref_holder(pre, ARGV[1], ARGV[20])
+if holder then return {'taken', holder} end
+local old = cur[2]
+local was = {status = old, c = cur[3], cf = cur[4], ref = cur[5], final = '0'}
+if old == 'completed' or old == 'declined' or old == 'failed' then was.final = '1' end
 local nv = redis.call('HINCRBY', KEYS[1], 'v', 1)
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'doc', ARGV[5])
 redis.call('HDEL', KEYS[1], 'lo', 'lu')
@@ -106,9 +176,17 @@ if ARGV[7] == '1' and redis.call('EXISTS', KEYS[6]) == 0 then
     redis.call('ZADD', KEYS[7], ARGV[10], ARGV[1])
   end
   if ARGV[13] ~= '' then redis.call('HSET', KEYS[6], 'error', string.sub(ARGV[13], 2)) end
+  if ARGV[12] == '' then
+    redis.call('ZADD', pre .. 'idx:undelivered', ARGV[16], ARGV[1])
+    if ARGV[14] == '' and tonumber(ARGV[11]) > 0 then
+      redis.call('ZADD', pre .. 'idx:failing', ARGV[9], ARGV[1])
+    end
+  end
 end
+index(pre, ARGV[1], was, ARGV[3], ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[6])
 return nv
 """
+)
 
 # Expired leases first go back among the candidates (idx:ready); a candidate whose lease is
 # still running (only if `now` went back in time) goes back to idx:leased. Numbers are passed
@@ -165,6 +243,8 @@ redis.call('HSET', KEYS[1], 'delivered_at', ARGV[2])
 redis.call('HDEL', KEYS[1], 'lo', 'lu', 'dead_at')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', ARGV[3] .. 'idx:undelivered', ARGV[1])
+redis.call('ZREM', ARGV[3] .. 'idx:failing', ARGV[1])
 return 1
 """
 
@@ -182,6 +262,7 @@ redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'at', ARGV[2], 'error', ARGV[3])
 redis.call('HDEL', KEYS[1], 'lo', 'lu')
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', ARGV[4] .. 'idx:failing', redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
 return 1
 """
 )
@@ -195,18 +276,193 @@ redis.call('HSET', KEYS[1], 'dead_at', ARGV[2], 'error', ARGV[3])
 redis.call('HDEL', KEYS[1], 'lo', 'lu')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZREM', ARGV[4] .. 'idx:failing', ARGV[1])
 return 1
 """
 )
 
+# A fresh schedule: the round counter starts again (the error stays, as history).
 _REQUEUE_OUTBOX = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HDEL', KEYS[1], 'dead_at', 'delivered_at', 'lo', 'lu')
-redis.call('HSET', KEYS[1], 'at', ARGV[2])
+redis.call('HSET', KEYS[1], 'at', ARGV[2], 'attempts', '0')
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREM', ARGV[3] .. 'idx:failing', ARGV[1])
+local c = redis.call('HGET', ARGV[3] .. 'p:' .. ARGV[1], 'c')
+if c then redis.call('ZADD', ARGV[3] .. 'idx:undelivered', c, ARGV[1]) end
 return 1
 """
+
+# One page from the listing indexes in KEYS, merged: after the cursor (ARGV[2], ARGV[3]), in
+# the score range [ARGV[4], ARGV[5]], the first ARGV[6] matches of all indexes together, reading
+# at most ARGV[7] entries per index. An index that hit the budget bounds the page: matches past
+# the last entry it read are unknown, so nothing past it is returned, and the bound comes back
+# as where to resume. Returns {bounded, bound score, bound id, id, score, version, doc, ...}.
+# Ids compare byte-wise, as Redis orders equal scores (Lua's own < on strings follows the
+# server's locale).
+_LIST = """
+local function before(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local function earlier(x, y)  -- {score number, id}
+  if x[1] ~= y[1] then return x[1] < y[1] end
+  return before(x[2], y[2])
+end
+local pre = ARGV[1]
+local cur_s = tonumber(ARGV[2])
+local cur_id = ARGV[3]
+local need, budget = tonumber(ARGV[6]), tonumber(ARGV[7])
+local statuses = nil
+if ARGV[8] ~= '' then
+  statuses = {}
+  for st in string.gmatch(ARGV[8], '[^,]+') do statuses[st] = true end
+end
+local u_low, u_high = tonumber(ARGV[11]), tonumber(ARGV[12])
+local function matches(id)
+  local f = redis.call('HMGET', pre .. 'p:' .. id, 'v', 'status', 'u', 'cf')
+  if not f[1] then return false end
+  if statuses and not statuses[f[2]] then return false end
+  if ARGV[9] == '1' and f[4] ~= '1' then return false end
+  if u_low or u_high then
+    local u = tonumber(f[3])
+    if not u or (u_low and u < u_low) or (u_high and u >= u_high) then return false end
+  end
+  if ARGV[10] == '1' then
+    local o = pre .. 'o:' .. id
+    if redis.call('EXISTS', o) == 0 or redis.call('HEXISTS', o, 'delivered_at') == 1 then
+      return false
+    end
+  end
+  return true
+end
+local found, bound = {}, nil
+for k = 1, #KEYS do
+  local n, scanned, offset, last = 0, 0, 0, nil
+  local stop = false
+  while not stop do
+    local batch = redis.call('ZRANGE', KEYS[k], ARGV[4], ARGV[5], 'BYSCORE',
+                             'LIMIT', offset, 256, 'WITHSCORES')
+    if #batch == 0 then break end
+    for i = 1, #batch, 2 do
+      local id, sc = batch[i], batch[i + 1]
+      local at = tonumber(sc)
+      offset = offset + 1
+      if not (cur_s and at == cur_s and not before(cur_id, id)) then
+        scanned = scanned + 1
+        last = {at, id, sc}
+        if matches(id) then
+          n = n + 1
+          found[#found + 1] = last
+          if n >= need then stop = true; break end
+        end
+        if scanned >= budget then
+          if not bound or earlier(last, bound) then bound = last end
+          stop = true; break
+        end
+      end
+    end
+  end
+end
+table.sort(found, earlier)
+local out = {0, '', ''}
+if bound then out = {1, bound[3], bound[2]} end
+local taken = 0
+for _, row in ipairs(found) do
+  if taken >= need or (bound and earlier(bound, row)) then break end
+  local f = redis.call('HMGET', pre .. 'p:' .. row[2], 'v', 'doc')
+  out[#out + 1] = row[2]; out[#out + 1] = row[3]; out[#out + 1] = f[1]; out[#out + 1] = f[2]
+  taken = taken + 1
+end
+return out
+"""
+
+# Deletes up to ARGV[3] final payouts updated before ARGV[2] whose outbox entry is delivered (or
+# absent), with every key and index entry they have; reads at most ARGV[4] candidates.
+_PRUNE = """
+local pre = ARGV[1]
+local limit, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
+local doomed, offset = {}, 0
+while #doomed < limit and offset < budget do
+  local batch = redis.call('ZRANGE', pre .. 'idx:final', '-inf', '(' .. ARGV[2], 'BYSCORE',
+                           'LIMIT', offset, 256)
+  if #batch == 0 then break end
+  for _, id in ipairs(batch) do
+    offset = offset + 1
+    local o = pre .. 'o:' .. id
+    if redis.call('EXISTS', o) == 0 or redis.call('HEXISTS', o, 'delivered_at') == 1 then
+      doomed[#doomed + 1] = id
+      if #doomed >= limit then break end
+    end
+  end
+end
+local sets = {'idx:created', 'idx:conflict', 'idx:undelivered', 'idx:final', 'idx:attempt',
+              'idx:failing', 'idx:outbox', 'idx:dead', 'idx:due', 'idx:ready', 'idx:leased'}
+for _, id in ipairs(doomed) do
+  local key = pre .. 'p:' .. id
+  local f = redis.call('HMGET', key, 'status', 'ref')
+  if f[1] then
+    redis.call('HINCRBY', pre .. 'counts', f[1], -1)
+    redis.call('ZREM', pre .. 'idx:st:' .. f[1], id)
+  end
+  if f[2] and redis.call('GET', pre .. 'ref:' .. f[2]) == id then
+    redis.call('DEL', pre .. 'ref:' .. f[2])
+  end
+  for _, name in ipairs(sets) do redis.call('ZREM', pre .. name, id) end
+  redis.call('DEL', key, pre .. 'o:' .. id)
+end
+return #doomed
+"""
+
+# Files one payout written before these indexes existed (or re-files it: idempotent), from its
+# document; KEYS[1] is its hash.
+_REINDEX = (
+    _INDEX
+    + """
+local f = redis.call('HMGET', KEYS[1], 'doc', 'status', 'c', 'cf', 'ref')
+if not f[1] then return 0 end
+local d = cjson.decode(f[1])
+local function num(x)
+  if type(x) == 'number' then return string.format('%.17g', x) end
+  return ''
+end
+local cf = '0'
+if type(d.audit) == 'table' then
+  for _, a in ipairs(d.audit) do if a.conflict == true then cf = '1' end end
+end
+local ref = ''
+if type(d.partner_ref) == 'string' then ref = d.partner_ref end
+local st = f[2]
+local final = '0'
+if st == 'completed' or st == 'declined' or st == 'failed' then final = '1' end
+local pre, id = ARGV[1], ARGV[2]
+local was = {c = f[3], cf = f[4], ref = f[5], final = '0'}
+if f[3] then was.status = st end
+index(pre, id, was, st, num(d.created_at), num(d.updated_at), num(d.attempt_started_at), cf,
+      ref, final)
+local o = pre .. 'o:' .. id
+if redis.call('EXISTS', o) == 1 and redis.call('HEXISTS', o, 'delivered_at') == 0 then
+  redis.call('ZADD', pre .. 'idx:undelivered', num(d.created_at), id)
+  if redis.call('HEXISTS', o, 'dead_at') == 0 and tonumber(redis.call('HGET', o, 'attempts')) > 0
+  then
+    redis.call('ZADD', pre .. 'idx:failing', redis.call('HGET', o, 'created_at'), id)
+  end
+end
+return 1
+"""
+)
+
+_INDEX_VERSION: Final = "2"
+"""Stored at ``<prefix>schema`` once every payout is filed in the operator indexes."""
+
+_LIST_BUDGET: Final = 5_000
+"""Index entries one listing call reads at most per index (a Lua script blocks the server)."""
+_PRUNE_BUDGET: Final = 20_000
 
 _OUTBOX_FIELDS: Final = (
     "status",
@@ -222,6 +478,24 @@ _OUTBOX_FIELDS: Final = (
 def _num(value: float) -> str:
     """A float as the exact decimal string Redis and Lua parse back to the same double."""
     return repr(float(value))
+
+
+def _index_args(payout: Payout) -> list[str | int]:
+    """``created_at, updated_at, attempt_started_at, has_conflict, partner_ref`` as the index
+    function of the write scripts takes them."""
+    started = payout.attempt_started_at
+    return [
+        _num(payout.created_at),
+        _num(payout.updated_at),
+        "" if started is None else _num(started),
+        "1" if has_conflict(payout) else "0",
+        payout.partner_ref or "",
+    ]
+
+
+def _glob_escaped(text: str) -> str:
+    """``text`` matched literally by SCAN's glob pattern."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 def _translated() -> contextlib.AbstractContextManager[None]:
@@ -347,9 +621,47 @@ class RedisStorage:
                     "retry_outbox": _RETRY_OUTBOX,
                     "dead_letter_outbox": _DEAD_LETTER_OUTBOX,
                     "requeue_outbox": _REQUEUE_OUTBOX,
+                    "list": _LIST,
+                    "prune": _PRUNE,
+                    "reindex": _REINDEX,
                 }.items()
             }
+            try:
+                with _translated():
+                    if await client.get(self._prefix + "schema") != _INDEX_VERSION:
+                        await self._reindex(client)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await client.aclose()
+                raise
             self._redis = client
+
+    async def _reindex(self, client: aioredis.Redis) -> None:
+        """File every payout written before the operator indexes existed (idempotent: several
+        instances may do it at once), then record that it is done."""
+        script = self._scripts["reindex"]
+        start = self._prefix + "p:"
+        done = 0
+        batch: list[str] = []
+        async for key in client.scan_iter(match=_glob_escaped(start) + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                done += await self._reindex_batch(client, script, batch, len(start))
+                batch = []
+        if batch:
+            done += await self._reindex_batch(client, script, batch, len(start))
+        await client.set(self._prefix + "schema", _INDEX_VERSION)
+        if done:
+            log.info("Redis prefix %r: filed %d payouts in operator indexes", self._prefix, done)
+
+    async def _reindex_batch(
+        self, client: aioredis.Redis, script: Any, keys: list[str], cut: int
+    ) -> int:
+        async with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                await script(keys=[key], args=[self._prefix, key[cut:]], client=pipe)
+            results = await pipe.execute()
+        return sum(int(r) for r in results)
 
     async def _check_durability(self, client: aioredis.Redis) -> None:
         """Log (once per open) whether the server keeps every acknowledged write on disk."""
@@ -406,10 +718,21 @@ class RedisStorage:
         result = await self._run(
             "create",
             [self._payout_key(payout.id), self._due, self._ready, self._counts],
-            [payout.id, payout.status.value, nca, doc, "1" if payout.is_final else "0"],
+            [
+                payout.id,
+                payout.status.value,
+                nca,
+                doc,
+                "1" if payout.is_final else "0",
+                self._prefix,
+                *_index_args(payout),
+            ],
         )
         if result[0] == 1:
             return decode_payout(1, doc), True
+        if result[0] == 2:
+            assert payout.partner_ref is not None
+            raise PartnerReferenceTaken(payout.partner_ref, str(result[1]))
         return decode_payout(result[1], result[2]), False
 
     async def get(self, payout_id: str) -> Payout | None:
@@ -434,7 +757,7 @@ class RedisStorage:
             "1" if payout.is_final else "0",
         ]
         if outbox is None:
-            args += ["0", "", "", "", 0, "", "", ""]
+            args += ["0", "", "", "", 0, "", "", ""]  # ARGV 7-14
         else:
             args += [
                 "1",
@@ -447,6 +770,7 @@ class RedisStorage:
                 "" if outbox.last_error is None else "=" + outbox.last_error,
                 "" if outbox.dead_at is None else _num(outbox.dead_at),
             ]
+        args += [self._prefix, *_index_args(payout)]  # ARGV 15-20
         keys = [
             self._payout_key(payout.id),
             self._due,
@@ -458,7 +782,10 @@ class RedisStorage:
             self._outbox_dead,
         ]
         version = await self._run("cas", keys, args)
-        return None if version is None or doc is None else decode_payout(version, doc)
+        if isinstance(version, list):  # {'taken', holder}
+            assert payout.partner_ref is not None
+            raise PartnerReferenceTaken(payout.partner_ref, str(version[1]))
+        return None if version is None else decode_payout(version, doc)
 
     async def claim_due(
         self, now: float, *, owner: str, lease_seconds: float, limit: int
@@ -496,28 +823,28 @@ class RedisStorage:
         await self._run(
             "ack_outbox",
             [self._outbox_key(payout_id), self._outbox_due, self._outbox_dead],
-            [payout_id, _num(delivered_at)],
+            [payout_id, _num(delivered_at), self._prefix],
         )
 
     async def retry_outbox(self, payout_id: str, *, next_attempt_at: float, error: str) -> None:
         await self._run(
             "retry_outbox",
             [self._outbox_key(payout_id), self._outbox_due],
-            [payout_id, _num(next_attempt_at), error],
+            [payout_id, _num(next_attempt_at), error, self._prefix],
         )
 
     async def dead_letter_outbox(self, payout_id: str, *, at: float, error: str) -> None:
         await self._run(
             "dead_letter_outbox",
             [self._outbox_key(payout_id), self._outbox_due, self._outbox_dead],
-            [payout_id, _num(at), error],
+            [payout_id, _num(at), error, self._prefix],
         )
 
     async def requeue_outbox(self, payout_id: str, *, next_attempt_at: float) -> bool:
         done = await self._run(
             "requeue_outbox",
             [self._outbox_key(payout_id), self._outbox_due, self._outbox_dead],
-            [payout_id, _num(next_attempt_at)],
+            [payout_id, _num(next_attempt_at), self._prefix],
         )
         return bool(done)
 
@@ -541,6 +868,106 @@ class RedisStorage:
         for status, n in stored.items():
             counts[PayoutStatus(str(status))] = int(n)
         return counts
+
+    # -- operators -------------------------------------------------------------------------------
+
+    async def get_by_partner_ref(self, partner_ref: str) -> Payout | None:
+        client = self._conn()
+        with _translated():
+            holder = await client.get(f"{self._prefix}ref:{partner_ref}")
+        return None if holder is None else await self.get(str(holder))
+
+    def _listing_index(self, query: PayoutQuery) -> tuple[list[str], bool]:
+        """The sorted sets a query reads (the most selective filter's), and whether the script
+        must still check the status."""
+        if query.undelivered_only:
+            return [self._prefix + "idx:undelivered"], query.statuses is not None
+        if query.conflicts_only:
+            return [self._prefix + "idx:conflict"], query.statuses is not None
+        if query.statuses is not None:
+            return [f"{self._prefix}idx:st:{s.value}" for s in sorted(query.statuses)], False
+        return [self._prefix + "idx:created"], False
+
+    async def list_payouts(self, query: PayoutQuery) -> PayoutPage:
+        self._conn()
+        keys, check_status = self._listing_index(query)
+        low: float | None = query.created_after
+        cursor_s, cursor_id = "", ""
+        if query.after is not None:
+            cursor_s, cursor_id = _num(query.after[0]), query.after[1]
+            if low is None or query.after[0] >= low:
+                low = query.after[0]
+        args: list[str | int] = [
+            self._prefix,
+            cursor_s,
+            cursor_id,
+            "-inf" if low is None else _num(low),
+            "+inf" if query.created_before is None else "(" + _num(query.created_before),
+            query.limit + 1,
+            _LIST_BUDGET,
+            ",".join(s.value for s in query.statuses or ()) if check_status else "",
+            "1" if query.conflicts_only else "0",
+            "1" if query.undelivered_only else "0",
+            "" if query.updated_after is None else _num(query.updated_after),
+            "" if query.updated_before is None else _num(query.updated_before),
+        ]
+        with _translated():
+            bounded, bound_s, bound_id, *flat = await self._scripts["list"](keys=keys, args=args)
+        rows = (decode_payout(flat[i + 2], flat[i + 3]) for i in range(0, len(flat), 4))
+        page = page_of(rows, query.limit)
+        if page.next_cursor is None and int(bounded):
+            # The work bound was reached before the page filled: resume where it stopped.
+            return PayoutPage(page.items, encode_cursor(float(bound_s), str(bound_id)))
+        return page
+
+    async def ops_snapshot(
+        self, now: float, *, late_after: float, failing_after: float
+    ) -> OpsSnapshot:
+        client = self._conn()
+        pre = self._prefix
+        open_ = [s for s in PayoutStatus if not s.is_final]
+        with _translated():
+            async with client.pipeline(transaction=True) as pipe:  # MULTI: one moment
+                for s in open_:
+                    pipe.zrange(f"{pre}idx:st:{s.value}", 0, 0, withscores=True)
+                pipe.zcount(pre + "idx:attempt", "-inf", "(" + _num(now - late_after))
+                pipe.zcard(pre + "idx:conflict")
+                pipe.zcount(pre + "idx:failing", "-inf", "(" + _num(now - failing_after))
+                pipe.zcard(self._outbox_dead)
+                *firsts, late, conflicts, failing, dead = await pipe.execute()
+        oldest = [f[0][1] for f in firsts if f]
+        return OpsSnapshot.of(now, oldest, late, conflicts, failing, dead)
+
+    async def prune(self, before: float, *, dry_run: bool, limit: int) -> int:
+        if limit <= 0:
+            return 0
+        if not dry_run:
+            n = await self._run(
+                "prune", [self._payout_key("")], [self._prefix, _num(before), limit, _PRUNE_BUDGET]
+            )
+            return int(n)
+        # A count only: read in pages outside any script, so a large one never blocks Redis.
+        client = self._conn()
+        counted, offset = 0, 0
+        with _translated():
+            while counted < limit:
+                ids = await client.zrange(
+                    self._prefix + "idx:final",
+                    "-inf",
+                    "(" + _num(before),
+                    byscore=True,
+                    offset=offset,
+                    num=1000,
+                )
+                if not ids:
+                    break
+                offset += len(ids)
+                async with client.pipeline(transaction=False) as pipe:
+                    for pid in ids:
+                        pipe.hmget(self._outbox_key(str(pid)), ["status", "delivered_at"])
+                    entries = await pipe.execute()
+                counted += sum(1 for e in entries if e[0] is None or e[1] is not None)
+        return min(counted, limit)
 
 
 def __getattr__(name: str) -> Any:

@@ -28,7 +28,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -36,9 +36,11 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import anyio.to_thread
 
-from .._errors import ConfigurationError, StorageError, StorageUnavailable
+from .._errors import ConfigurationError, PartnerReferenceTaken, StorageError, StorageUnavailable
 from .._model import OutboxEntry, Payout, PayoutStatus
 from ._codec import decode_outbox, decode_payout, encode_payout, outbox_values
+from ._query import OpsSnapshot, PayoutPage, PayoutQuery, page_of
+from ._sql import FINAL_SQL, Listing, index_values, listing_sql
 
 __all__ = ["SQLiteStorage"]
 
@@ -94,6 +96,46 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX outbox_dead ON outbox (payout_id) WHERE dead_at IS NOT NULL",
     ),
+    # 3: what operators query (listing, alert figures, retention) and partner references, as
+    # columns beside the document, filled from it for the rows already there.
+    (
+        "ALTER TABLE payouts ADD COLUMN created_at REAL",
+        "ALTER TABLE payouts ADD COLUMN updated_at REAL",
+        "ALTER TABLE payouts ADD COLUMN attempt_started_at REAL",
+        "ALTER TABLE payouts ADD COLUMN has_conflict INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE payouts ADD COLUMN partner_ref TEXT",
+        "ALTER TABLE outbox ADD COLUMN payout_created_at REAL",
+        """
+        UPDATE payouts SET
+            created_at = json_extract(doc, '$.created_at'),
+            updated_at = json_extract(doc, '$.updated_at'),
+            attempt_started_at = json_extract(doc, '$.attempt_started_at'),
+            partner_ref = json_extract(doc, '$.partner_ref'),
+            has_conflict = EXISTS (
+                SELECT 1 FROM json_each(doc, '$.audit') WHERE json_extract(value, '$.conflict') = 1
+            )
+        """,
+        """
+        UPDATE outbox SET payout_created_at = (SELECT created_at FROM payouts WHERE id = payout_id)
+        """,
+        """
+        CREATE UNIQUE INDEX payouts_partner_ref ON payouts (partner_ref)
+            WHERE partner_ref IS NOT NULL
+        """,
+        "DROP INDEX payouts_status",  # the prefix of payouts_status_created
+        "CREATE INDEX payouts_created ON payouts (created_at, id)",
+        "CREATE INDEX payouts_status_created ON payouts (status, created_at, id)",
+        "CREATE INDEX payouts_conflicts ON payouts (created_at, id) WHERE has_conflict = 1",
+        f"""
+        CREATE INDEX payouts_open_attempt ON payouts (attempt_started_at)
+            WHERE status NOT IN ({FINAL_SQL})
+        """,
+        f"CREATE INDEX payouts_final_updated ON payouts (updated_at) WHERE status IN ({FINAL_SQL})",
+        """
+        CREATE INDEX outbox_undelivered ON outbox (payout_created_at, payout_id)
+            WHERE delivered_at IS NULL
+        """,
+    ),
 )
 
 _SCHEMA_VERSION = len(_MIGRATIONS)
@@ -104,25 +146,37 @@ _FINAL: tuple[str, ...] = tuple(s.value for s in PayoutStatus if s.is_final)
 _NOT_FINAL = "status NOT IN (" + ", ".join("?" * len(_FINAL)) + ")"
 
 _CREATE = """
-INSERT INTO payouts (id, version, status, next_check_at, doc) VALUES (?, 1, ?, ?, ?)
+INSERT INTO payouts (id, version, status, next_check_at, doc,
+                     created_at, updated_at, attempt_started_at, has_conflict, partner_ref)
+VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO NOTHING
 RETURNING version
 """
 
 _GET = "SELECT version, doc FROM payouts WHERE id = ?"
 
+_GET_BY_REF = "SELECT version, doc FROM payouts WHERE partner_ref = ?"
+
+_REF_HOLDER = "SELECT id FROM payouts WHERE partner_ref = ?"
+
+# A record without a partner reference keeps the one stored (references are never removed).
 _CAS = """
 UPDATE payouts
 SET version = version + 1, status = ?, next_check_at = ?, doc = ?,
+    created_at = ?, updated_at = ?, attempt_started_at = ?, has_conflict = ?,
+    partner_ref = coalesce(?, partner_ref),
     lease_owner = NULL, lease_until = NULL
 WHERE id = ? AND version = ?
 RETURNING version
 """
 
+# payout_created_at: the payout's, so that undelivered outcomes list in payout order from
+# the outbox's own index.
 _INSERT_OUTBOX = """
 INSERT INTO outbox
-    (payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error, dead_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    (payout_id, status, created_at, next_attempt_at, attempts, delivered_at, last_error, dead_at,
+     payout_created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (payout_id) DO NOTHING
 """
 
@@ -184,9 +238,11 @@ SET attempts = attempts + 1, dead_at = ?, last_error = ?, lease_owner = NULL, le
 WHERE payout_id = ? AND delivered_at IS NULL AND dead_at IS NULL
 """
 
+# A fresh schedule: the round counter starts again (last_error stays, as history).
 _REQUEUE_OUTBOX = """
 UPDATE outbox
-SET next_attempt_at = ?, dead_at = NULL, delivered_at = NULL, lease_owner = NULL, lease_until = NULL
+SET next_attempt_at = ?, dead_at = NULL, delivered_at = NULL, attempts = 0,
+    lease_owner = NULL, lease_until = NULL
 WHERE payout_id = ?
 RETURNING 1
 """
@@ -194,6 +250,36 @@ RETURNING 1
 _COUNT_DEAD = "SELECT COUNT(*) FROM outbox WHERE dead_at IS NOT NULL"
 
 _COUNT = "SELECT status, COUNT(*) FROM payouts GROUP BY status"
+
+_OPEN: tuple[str, ...] = tuple(s.value for s in PayoutStatus if not s.is_final)
+
+# One statement: one consistent snapshot. Each figure reads one index (min per status: one
+# entry of payouts_status_created each).
+_OPS = f"""
+SELECT {", ".join(f"(SELECT min(created_at) FROM payouts WHERE status = '{s}')" for s in _OPEN)},
+    (SELECT count(*) FROM payouts
+     WHERE attempt_started_at < ? AND status NOT IN ({FINAL_SQL})),
+    (SELECT count(*) FROM payouts WHERE has_conflict = 1),
+    (SELECT count(*) FROM outbox
+     WHERE delivered_at IS NULL AND dead_at IS NULL AND attempts > 0 AND created_at < ?),
+    (SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL)
+"""  # noqa: S608 -- constants and placeholders only
+
+_PRUNABLE = f"""
+SELECT p.id FROM payouts p
+WHERE p.status IN ({FINAL_SQL}) AND p.updated_at < ?
+  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.payout_id = p.id AND o.delivered_at IS NULL)
+ORDER BY p.updated_at
+LIMIT ?
+"""  # noqa: S608 -- constants and placeholders only
+
+_LISTING = Listing(
+    payouts="payouts",
+    outbox="outbox",
+    placeholder=lambda _n: "?",
+    conflict="p.has_conflict = 1",
+    outbox_join="outbox o CROSS JOIN payouts p ON p.id = o.payout_id",  # the outbox first
+)
 
 # Primary result codes meaning "not now": another writer holds the lock, or the file is
 # unreachable. Anything else is a plain StorageError.
@@ -454,17 +540,35 @@ class SQLiteStorage:
 
     async def create_if_absent(self, payout: Payout) -> tuple[Payout, bool]:
         doc = encode_payout(payout)
-        params = (payout.id, payout.status.value, payout.next_check_at, doc)
+        params = (payout.id, payout.status.value, payout.next_check_at, doc, *index_values(payout))
 
         def op(db: sqlite3.Connection) -> tuple[Payout, bool]:
-            if db.execute(_CREATE, params).fetchall():
-                # What was written, without decoding the document just encoded.
-                return replace(payout, version=1), True
-            # Rows are never deleted, so the conflicting row is still there.
-            ((version, existing),) = db.execute(_GET, (payout.id,)).fetchall()
-            return decode_payout(version, existing), False
+            # Rows are deleted only by prune: a conflicting row pruned before we read it is
+            # gone, and the insert is tried again.
+            for _ in range(3):
+                with self._partner_ref(db, payout):
+                    if db.execute(_CREATE, params).fetchall():
+                        # What was written, without decoding the document just encoded.
+                        return replace(payout, version=1), True
+                rows = db.execute(_GET, (payout.id,)).fetchall()
+                if rows:
+                    return decode_payout(*rows[0]), False
+            raise StorageUnavailable(f"SQLite: payout {payout.id!r} kept being pruned")
 
         return await self._run(op)
+
+    @contextlib.contextmanager
+    def _partner_ref(self, db: sqlite3.Connection, payout: Payout) -> Iterator[None]:
+        """Turn the unique index's refusal into PartnerReferenceTaken, with the holder."""
+        try:
+            yield
+        except sqlite3.IntegrityError as exc:
+            if payout.partner_ref is None or "partner_ref" not in str(exc):
+                raise
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            rows = db.execute(_REF_HOLDER, (payout.partner_ref,)).fetchall()
+            raise PartnerReferenceTaken(payout.partner_ref, rows[0][0] if rows else None) from None
 
     async def get(self, payout_id: str) -> Payout | None:
         rows = await self._query(_GET, (payout_id,), write=False)
@@ -480,7 +584,14 @@ class SQLiteStorage:
         if outbox is not None and outbox.payout_id != payout.id:
             raise ValueError(f"outbox entry for {outbox.payout_id!r} given with {payout.id!r}")
         doc = encode_payout(payout)
-        cas = (payout.status.value, payout.next_check_at, doc, payout.id, expected_version)
+        cas = (
+            payout.status.value,
+            payout.next_check_at,
+            doc,
+            *index_values(payout),
+            payout.id,
+            expected_version,
+        )
         # A POST follows this write: were it rolled back by a power loss, the payout would be
         # POSTed again. Its commit fsyncs the WAL (and with it every earlier commit).
         durable = self._synchronous == "submitting" and payout.status is PayoutStatus.SUBMITTING
@@ -496,20 +607,23 @@ class SQLiteStorage:
 
         def write(db: sqlite3.Connection) -> Payout | None:
             if outbox is None:
-                rows = db.execute(_CAS, cas).fetchall()
+                with self._partner_ref(db, payout):
+                    rows = db.execute(_CAS, cas).fetchall()
                 return replace(payout, version=rows[0][0]) if rows else None
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = db.execute(_CAS, cas).fetchall()
-                if not rows:
-                    db.execute("ROLLBACK")
-                    return None
-                db.execute(_INSERT_OUTBOX, (outbox.payout_id, *outbox_values(outbox)))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            with self._partner_ref(db, payout):
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    rows = db.execute(_CAS, cas).fetchall()
+                    if not rows:
+                        db.execute("ROLLBACK")
+                        return None
+                    values = (outbox.payout_id, *outbox_values(outbox), payout.created_at)
+                    db.execute(_INSERT_OUTBOX, values)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
             return replace(payout, version=rows[0][0])
 
         return await self._run(op)
@@ -566,3 +680,43 @@ class SQLiteStorage:
         for status, n in await self._query(_COUNT, write=False):
             counts[PayoutStatus(status)] = n
         return counts
+
+    # -- operators -------------------------------------------------------------------------------
+
+    async def get_by_partner_ref(self, partner_ref: str) -> Payout | None:
+        rows = await self._query(_GET_BY_REF, (partner_ref,), write=False)
+        return decode_payout(*rows[0]) if rows else None
+
+    async def list_payouts(self, query: PayoutQuery) -> PayoutPage:
+        sql, params = listing_sql(query, _LISTING)
+        rows = await self._query(sql, params, write=False)
+        return page_of((decode_payout(version, doc) for version, doc, _, _ in rows), query.limit)
+
+    async def ops_snapshot(
+        self, now: float, *, late_after: float, failing_after: float
+    ) -> OpsSnapshot:
+        ((*oldest, late, conflicts, failing, dead),) = await self._query(
+            _OPS, (now - late_after, now - failing_after), write=False
+        )
+        return OpsSnapshot.of(now, oldest, late, conflicts, failing, dead)
+
+    async def prune(self, before: float, *, dry_run: bool, limit: int) -> int:
+        if limit <= 0:
+            return 0
+
+        def op(db: sqlite3.Connection) -> int:
+            if dry_run:
+                return len(db.execute(_PRUNABLE, (before, limit)).fetchall())
+            db.execute("BEGIN IMMEDIATE")  # chosen and deleted under one write lock
+            try:
+                ids = db.execute(_PRUNABLE, (before, limit)).fetchall()
+                db.executemany("DELETE FROM outbox WHERE payout_id = ?", ids)
+                db.executemany("DELETE FROM payouts WHERE id = ?", ids)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return len(ids)
+
+        return await self._run(op, write=not dry_run)

@@ -58,8 +58,9 @@ from typing import Any, TypeVar
 import anyio
 import pytest
 
+from .._errors import InvalidRequest, PartnerReferenceTaken
 from .._model import AuditEntry, Cause, OutboxEntry, PartnerStatus, Payout, PayoutStatus
-from ..storage import Storage
+from ..storage import OpsSnapshot, PayoutQuery, Storage
 
 __all__ = [
     "T0",
@@ -677,8 +678,9 @@ class StorageContract:
         await self.claim_outbox(storage, T0)
         await storage.dead_letter_outbox("p-1", at=T0 + 1, error="HTTP 503")
         assert await storage.requeue_outbox("p-1", next_attempt_at=T0 + 50) is True
-        # Attempts and the last error stay, as history for the operator.
-        requeued = replace(entry, attempts=1, last_error="HTTP 503", next_attempt_at=T0 + 50)
+        # A fresh delivery schedule (the round counter starts again); the last error stays, as
+        # history for the operator.
+        requeued = replace(entry, attempts=0, last_error="HTTP 503", next_attempt_at=T0 + 50)
         assert await storage.get_outbox("p-1") == requeued
         assert await storage.count_dead_outbox() == 0
         assert await self.claim_outbox(storage, T0 + 49, owner="b") == []
@@ -736,6 +738,363 @@ class StorageContract:
         assert await storage.get_outbox("p-1") == entry
         assert await storage.count_dead_outbox() == 1
         assert await self.claim_outbox(storage, T0 + 10) == []
+
+    async def test_requeue_gives_a_dead_entry_a_fresh_round_count(self, storage: Storage) -> None:
+        await self._with_outbox(storage, "p-1")
+        for n in range(3):
+            await storage.retry_outbox("p-1", next_attempt_at=T0 + n, error=f"round {n}")
+        await storage.dead_letter_outbox("p-1", at=T0 + 5, error="round 3")
+        dead = await storage.get_outbox("p-1")
+        assert dead is not None
+        assert dead.attempts == 4
+        assert await storage.requeue_outbox("p-1", next_attempt_at=T0 + 6) is True
+        again = await storage.get_outbox("p-1")
+        assert again is not None
+        assert (again.attempts, again.last_error, again.dead_at) == (0, "round 3", None)
+        await storage.retry_outbox("p-1", next_attempt_at=T0 + 7, error="round 1 again")
+        retried = await storage.get_outbox("p-1")
+        assert retried is not None
+        assert retried.attempts == 1
+
+    # -- partner references -------------------------------------------------------------------
+
+    async def test_partner_ref_is_found_by_lookup(self, storage: Storage) -> None:
+        created = await self.create(storage, "a", partner_ref="ref-a")
+        assert await storage.get_by_partner_ref("ref-a") == created
+        assert await storage.get_by_partner_ref("ref-b") is None
+        b = await self.create(storage, "b")
+        set_later = await self.update(storage, b, partner_ref="ref-b")
+        assert await storage.get_by_partner_ref("ref-b") == set_later
+
+    async def test_create_with_a_taken_partner_ref_raises_and_stores_nothing(
+        self, storage: Storage
+    ) -> None:
+        await self.create(storage, "a", partner_ref="ref-1")
+        with pytest.raises(PartnerReferenceTaken) as raised:
+            await storage.create_if_absent(make_payout("b", partner_ref="ref-1"))
+        assert (raised.value.partner_ref, raised.value.holder_id) == ("ref-1", "a")
+        assert await storage.get("b") is None
+        assert sum((await storage.count_by_status()).values()) == 1
+        assert [p.id for p in (await storage.list_payouts(PayoutQuery())).items] == ["a"]
+        # An existing id is returned as ever, whatever reference the new record carries.
+        existing, created = await storage.create_if_absent(make_payout("a", partner_ref="ref-9"))
+        assert (existing.id, existing.partner_ref, created) == ("a", "ref-1", False)
+
+    async def test_cas_with_a_taken_partner_ref_raises_and_writes_nothing(
+        self, storage: Storage
+    ) -> None:
+        a = await self.create(storage, "a", partner_ref="ref-1")
+        b = await self.create(storage, "b")
+        with pytest.raises(PartnerReferenceTaken) as raised:
+            await storage.compare_and_set(
+                _final(replace(b, partner_ref="ref-1")),
+                expected_version=b.version,
+                outbox=make_outbox("b"),
+            )
+        assert (raised.value.partner_ref, raised.value.holder_id) == ("ref-1", "a")
+        assert await storage.get("b") == b
+        assert await storage.get_outbox("b") is None
+        assert await storage.get_by_partner_ref("ref-1") == a
+        assert await storage.count_by_status() == {
+            **dict.fromkeys(PayoutStatus, 0),
+            PayoutStatus.RECEIVED: 2,
+        }
+        assert (await storage.list_payouts(PayoutQuery(undelivered_only=True))).items == []
+        # Without the reference the same write goes through.
+        assert await storage.compare_and_set(_final(b), expected_version=b.version) is not None
+
+    async def test_a_payout_keeps_its_partner_ref(self, storage: Storage) -> None:
+        a = await self.create(storage, "a")
+        a = await self.update(storage, a, partner_ref="ref-1")
+        a = await self.update(storage, a, partner_ref="ref-1", checks=1)  # the same again: fine
+        a = await self.update(storage, a, partner_ref=None, checks=2)  # kept for "a"
+        found = await storage.get_by_partner_ref("ref-1")
+        assert found is not None
+        assert (found.id, found.version) == ("a", a.version)
+        b = await self.create(storage, "b")
+        with pytest.raises(PartnerReferenceTaken):
+            await storage.compare_and_set(replace(b, partner_ref="ref-1"), expected_version=1)
+
+    async def test_concurrent_claims_of_one_partner_ref_exactly_one_wins(
+        self, storage: Storage
+    ) -> None:
+        current = [await self.create(storage, f"p-{i}") for i in range(10)]
+
+        async def claim(p: Payout) -> Payout | str | None:
+            try:
+                return await storage.compare_and_set(
+                    replace(p, partner_ref="shared"), expected_version=p.version
+                )
+            except PartnerReferenceTaken as exc:
+                return f"taken by {exc.holder_id}"
+
+        results = await _gather([partial(claim, p) for p in current])
+        winners = [r for r in results if isinstance(r, Payout)]
+        assert len(winners) == 1
+        assert results.count(f"taken by {winners[0].id}") == 9
+        assert await storage.get_by_partner_ref("shared") == winners[0]
+
+    # -- listing --------------------------------------------------------------------------------
+
+    @staticmethod
+    async def list_all(storage: Storage, query: PayoutQuery) -> list[Payout]:
+        """Every page of ``query``, following cursors (bounded, so a broken backend fails)."""
+        found: list[Payout] = []
+        for _ in range(1000):
+            page = await storage.list_payouts(query)
+            assert len(page.items) <= query.limit
+            found.extend(page.items)
+            if page.next_cursor is None:
+                return found
+            query = replace(query, cursor=page.next_cursor)
+        raise AssertionError("the listing never ended")
+
+    async def test_list_is_oldest_first_by_created_at_then_id(self, storage: Storage) -> None:
+        created = {"c": T0 - 5, "a": T0 - 5, "b": T0 - 9, "e": T0 - 1, "d": T0 - 5.5}
+        for pid, at in created.items():
+            await self.create(storage, pid, created_at=at)
+        page = await storage.list_payouts(PayoutQuery())
+        assert [p.id for p in page.items] == ["b", "d", "a", "c", "e"]
+        assert page.next_cursor is None
+        assert page.items[0] == await storage.get("b")
+
+    async def test_list_pages_by_cursor(self, storage: Storage) -> None:
+        ids = [f"p-{i:02}" for i in range(11)]
+        for i, pid in enumerate(ids):
+            await self.create(storage, pid, created_at=T0 - 100 + i // 2)  # pairs share a time
+        first = await storage.list_payouts(PayoutQuery(limit=4))
+        assert [p.id for p in first.items] == ids[:4]
+        assert first.next_cursor is not None
+        rest = await self.list_all(storage, PayoutQuery(limit=4, cursor=first.next_cursor))
+        assert [p.id for p in rest] == ids[4:]
+        exact = await storage.list_payouts(PayoutQuery(limit=11))
+        assert (len(exact.items), exact.next_cursor) == (11, None)
+
+    async def test_list_filters(self, storage: Storage) -> None:
+        conflict = AuditEntry(
+            T0 - 1, Cause.WEBHOOK, "conflict", PayoutStatus.COMPLETED, PayoutStatus.COMPLETED,
+            "webhook reported declined after final completed", conflict=True,
+        )  # fmt: skip
+        unknown = await self.create(storage, "unknown", created_at=T0 - 50)
+        await self.update(storage, unknown, status=PayoutStatus.UNKNOWN, updated_at=T0 - 40)
+        await self.create(storage, "received", created_at=T0 - 45, updated_at=T0 - 45)
+        awaiting = await self.create(storage, "awaiting", created_at=T0 - 30)
+        await self.update(storage, awaiting, status=PayoutStatus.AWAITING, updated_at=T0 - 2)
+        for pid, at, outcome in (
+            ("pushed", T0 - 60, "ack"),
+            ("pending-push", T0 - 20, None),
+            ("dead-push", T0 - 10, "dead"),
+        ):
+            current = await self.create(storage, pid, created_at=at)
+            await self.update(
+                storage,
+                current,
+                make_outbox(pid),
+                status=PayoutStatus.COMPLETED,
+                next_check_at=None,
+                updated_at=at + 1,
+                audit=(*current.audit, conflict) if pid != "pending-push" else current.audit,
+            )
+            if outcome == "ack":
+                await storage.ack_outbox(pid, delivered_at=T0)
+            elif outcome == "dead":
+                await storage.dead_letter_outbox(pid, at=T0, error="gave up")
+
+        async def ids(**filters: Any) -> list[str]:
+            return [p.id for p in await self.list_all(storage, PayoutQuery(limit=2, **filters))]
+
+        everything = ["pushed", "unknown", "received", "awaiting", "pending-push", "dead-push"]
+        assert await ids() == everything
+        assert await ids(statuses={PayoutStatus.UNKNOWN}) == ["unknown"]
+        open_ = {PayoutStatus.UNKNOWN, PayoutStatus.AWAITING, PayoutStatus.RECEIVED}
+        assert await ids(statuses=open_) == ["unknown", "received", "awaiting"]
+        assert await ids(statuses={PayoutStatus.DECLINED}) == []
+        assert await ids(created_before=T0 - 30) == ["pushed", "unknown", "received"]
+        assert await ids(created_after=T0 - 30) == ["awaiting", "pending-push", "dead-push"]
+        assert await ids(created_after=T0 - 50, created_before=T0 - 20) == [
+            "unknown",
+            "received",
+            "awaiting",
+        ]
+        assert await ids(updated_before=T0 - 40) == ["pushed", "received"]
+        assert await ids(updated_after=T0 - 20) == ["awaiting", "pending-push", "dead-push"]
+        assert await ids(conflicts_only=True) == ["pushed", "dead-push"]
+        assert await ids(undelivered_only=True) == ["pending-push", "dead-push"]
+        assert await ids(undelivered_only=True, conflicts_only=True) == ["dead-push"]
+        assert await ids(conflicts_only=True, statuses={PayoutStatus.UNKNOWN}) == []
+        assert await ids(statuses=open_, updated_after=T0 - 41, created_before=T0 - 35) == [
+            "unknown"
+        ]
+        # Re-queued, a delivered entry is undelivered again.
+        assert await storage.requeue_outbox("pushed", next_attempt_at=T0 + 1) is True
+        assert await ids(undelivered_only=True) == ["pushed", "pending-push", "dead-push"]
+
+    async def test_list_pages_never_skip_or_repeat_under_concurrent_writes(
+        self, storage: Storage
+    ) -> None:
+        existing = [f"p-{i:02}" for i in range(20)]
+        for i, pid in enumerate(existing):
+            await self.create(storage, pid, created_at=T0 - 100 + i)
+        query = PayoutQuery(limit=3)
+        seen: list[str] = []
+        n = 0
+        while True:
+            page = await storage.list_payouts(query)
+            seen.extend(p.id for p in page.items)
+            # Between pages: new payouts arrive, and listed and unlisted ones change.
+            await self.create(storage, f"new-{n}", created_at=T0 + n)
+            for pid in (existing[n % 20], existing[(7 * n + 5) % 20]):
+                current = await storage.get(pid)
+                assert current is not None
+                await self.update(
+                    storage, current, status=PayoutStatus.AWAITING, updated_at=T0 + n, checks=n
+                )
+            n += 1
+            if page.next_cursor is None or n > 100:
+                break
+            query = replace(query, cursor=page.next_cursor)
+        assert seen[:20] == existing
+        assert len(seen) == len(set(seen))
+
+    async def test_list_of_one_status_follows_status_changes(self, storage: Storage) -> None:
+        for i in range(6):
+            await self.create(storage, f"p-{i}", created_at=T0 - 10 + i)
+        for pid in ("p-1", "p-4"):
+            current = await storage.get(pid)
+            assert current is not None
+            await self.update(storage, current, status=PayoutStatus.UNKNOWN)
+        unknown = PayoutQuery(statuses={PayoutStatus.UNKNOWN})
+        assert [p.id for p in (await storage.list_payouts(unknown)).items] == ["p-1", "p-4"]
+        current = await storage.get("p-1")
+        assert current is not None
+        await self.update(storage, current, status=PayoutStatus.FAILED, next_check_at=None)
+        assert [p.id for p in (await storage.list_payouts(unknown)).items] == ["p-4"]
+        failed = PayoutQuery(statuses={PayoutStatus.FAILED})
+        assert [p.id for p in (await storage.list_payouts(failed)).items] == ["p-1"]
+        received = PayoutQuery(statuses={PayoutStatus.RECEIVED})
+        assert [p.id for p in (await storage.list_payouts(received)).items] == [
+            "p-0",
+            "p-2",
+            "p-3",
+            "p-5",
+        ]
+
+    async def test_list_refuses_a_foreign_cursor(self, storage: Storage) -> None:
+        with pytest.raises(InvalidRequest, match="cursor"):
+            await storage.list_payouts(PayoutQuery(cursor="not-a-cursor"))
+
+    # -- ops_snapshot ---------------------------------------------------------------------------
+
+    async def test_ops_snapshot_of_an_empty_store(self, storage: Storage) -> None:
+        snap = await storage.ops_snapshot(T0, late_after=60, failing_after=600)
+        assert snap == OpsSnapshot(None, 0, 0, 0, 0)
+
+    async def test_ops_snapshot(self, storage: Storage) -> None:
+        conflict = AuditEntry(
+            T0 - 1, Cause.WEBHOOK, "conflict", PayoutStatus.COMPLETED, PayoutStatus.COMPLETED,
+            "webhook reported declined after final completed", conflict=True,
+        )  # fmt: skip
+        now = T0 + 3600
+        # Open: the oldest created at T0 - 500; two attempts past a 600 s window, one not.
+        for pid, created, started in (
+            ("old-unknown", T0 - 500, now - 700),
+            ("awaiting", T0 - 100, now - 601),
+            ("fresh", T0, now - 10),
+            ("received", T0 - 50, None),
+        ):
+            current = await self.create(storage, pid, created_at=created)
+            status = PayoutStatus.RECEIVED if started is None else PayoutStatus.UNKNOWN
+            await self.update(storage, current, status=status, attempt_started_at=started)
+        # Final, created earlier still: not open. Outbox entries in every state.
+        for pid, outcome in (
+            ("failing", "retried"),
+            ("retrying-fresh", "retried"),
+            ("first-round", None),
+            ("dead", "dead"),
+            ("delivered", "ack"),
+        ):
+            current = await self.create(storage, pid, created_at=T0 - 1000)
+            entry_at = now - 60 if pid == "retrying-fresh" else now - 1200
+            await self.update(
+                storage,
+                current,
+                make_outbox(pid, at=entry_at),
+                status=PayoutStatus.COMPLETED,
+                next_check_at=None,
+                audit=(*current.audit, conflict) if pid in ("dead", "delivered") else current.audit,
+            )
+            if outcome == "retried":
+                await storage.retry_outbox(pid, next_attempt_at=now + 5, error="HTTP 503")
+            elif outcome == "dead":
+                await storage.dead_letter_outbox(pid, at=now - 5, error="gave up")
+            elif outcome == "ack":
+                await storage.ack_outbox(pid, delivered_at=now - 1)
+        snap = await storage.ops_snapshot(now, late_after=600, failing_after=600)
+        assert snap == OpsSnapshot(
+            oldest_open_age=now - (T0 - 500),
+            open_past_window=2,
+            conflicts=2,
+            outbox_failing=1,
+            outbox_dead=1,
+        )
+        # Settled, a payout is no longer open; re-queued, a failing push starts afresh.
+        settled = await storage.get("old-unknown")
+        assert settled is not None
+        await self.update(storage, settled, status=PayoutStatus.FAILED, next_check_at=None)
+        await storage.requeue_outbox("failing", next_attempt_at=now)
+        snap = await storage.ops_snapshot(now, late_after=600, failing_after=600)
+        assert (snap.oldest_open_age, snap.open_past_window, snap.outbox_failing) == (
+            now - (T0 - 100),
+            1,
+            0,
+        )
+
+    # -- prune ----------------------------------------------------------------------------------
+
+    async def test_prune_deletes_old_settled_payouts_only(self, storage: Storage) -> None:
+        before = T0 - 100
+        for pid, updated, outcome in (
+            ("old-delivered", before - 1, "ack"),
+            ("old-no-entry", before - 2, "none"),
+            ("old-undelivered", before - 3, "pending"),
+            ("old-dead", before - 4, "dead"),
+            ("recent", before + 1, "ack"),
+        ):
+            current = await self.create(storage, pid, partner_ref=f"ref-{pid}")
+            entry = None if outcome == "none" else make_outbox(pid)
+            await self.update(
+                storage,
+                current,
+                entry,
+                status=PayoutStatus.DECLINED,
+                next_check_at=None,
+                updated_at=updated,
+            )
+            if outcome == "ack":
+                await storage.ack_outbox(pid, delivered_at=updated)
+            elif outcome == "dead":
+                await storage.dead_letter_outbox(pid, at=updated, error="gave up")
+        await self.create(storage, "open", status=PayoutStatus.UNKNOWN, updated_at=before - 50)
+        assert await storage.prune(before, dry_run=True, limit=100) == 2
+        assert await storage.prune(before, dry_run=True, limit=1) == 1
+        assert len((await storage.list_payouts(PayoutQuery())).items) == 6  # dry: nothing gone
+        assert await storage.prune(before, dry_run=False, limit=1) == 1
+        assert await storage.prune(before, dry_run=False, limit=100) == 1
+        assert await storage.prune(before, dry_run=False, limit=100) == 0
+        for pid in ("old-delivered", "old-no-entry"):
+            assert await storage.get(pid) is None
+            assert await storage.get_outbox(pid) is None
+            assert await storage.get_by_partner_ref(f"ref-{pid}") is None
+        left = [p.id for p in (await storage.list_payouts(PayoutQuery())).items]
+        assert sorted(left) == ["old-dead", "old-undelivered", "open", "recent"]
+        assert (await storage.count_by_status())[PayoutStatus.DECLINED] == 3
+        final = PayoutQuery(statuses={PayoutStatus.DECLINED}, limit=10)
+        assert len((await storage.list_payouts(final)).items) == 3
+        assert await storage.claim_outbox(T0, owner="a", lease_seconds=LEASE, limit=10) != []
+        # A pruned id is forgotten: submitted again, it is a new payout.
+        again, created = await storage.create_if_absent(make_payout("old-delivered"))
+        assert (created, again.version) == (True, 1)
+        assert await storage.prune(before, dry_run=False, limit=0) == 0
 
     # -- count_by_status ----------------------------------------------------------------------
 
