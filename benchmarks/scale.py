@@ -25,6 +25,7 @@ from resilient_payout import (
     PartnerStatus,
     PayoutClient,
     PayoutStatus,
+    SubmitAttempt,
 )
 from resilient_payout.storage.memory import MemoryStorage
 
@@ -37,16 +38,18 @@ PROBE_S = 0.010
 class _HoldingPartner:
     """Answers nothing until released; then every held POST gets ``completed``."""
 
+    idempotency = None
+
     def __init__(self) -> None:
         self.release = anyio.Event()
         self.held = 0
 
-    async def submit(self, payout_id: str, webhook_url: str) -> Accepted:
+    async def submit(self, attempt: SubmitAttempt) -> Accepted:
         self.held += 1
         await self.release.wait()
         return Accepted(PartnerStatus.COMPLETED)
 
-    async def check(self, payout_id: str) -> NotFound:
+    async def check(self, payout_id: str, partner_ref: str | None = None) -> NotFound:
         return NotFound()
 
 

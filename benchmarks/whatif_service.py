@@ -72,11 +72,19 @@ def main() -> None:
     import httpx
     import uvicorn
 
-    from resilient_payout import HttpNotifier, HttpPartner, PayoutClient, storage_from_url
+    from resilient_payout import (
+        HttpNotifier,
+        HttpPartner,
+        PayoutClient,
+        SubmitAttempt,
+        storage_from_url,
+    )
     from resilient_payout.fastapi import ServiceSettings, create_app
 
     class Sharded:
         """One HttpPartner per httpx pool; a payout always uses the same one."""
+
+        idempotency = None
 
         def __init__(self, parts: list[HttpPartner]) -> None:
             self.parts = parts
@@ -84,11 +92,11 @@ def main() -> None:
         def _pick(self, payout_id: str) -> HttpPartner:
             return self.parts[zlib.crc32(payout_id.encode()) % len(self.parts)]
 
-        async def submit(self, payout_id: str, webhook_url: str) -> Any:
-            return await self._pick(payout_id).submit(payout_id, webhook_url)
+        async def submit(self, attempt: SubmitAttempt) -> Any:
+            return await self._pick(attempt.payout_id).submit(attempt)
 
-        async def check(self, payout_id: str) -> Any:
-            return await self._pick(payout_id).check(payout_id)
+        async def check(self, payout_id: str, partner_ref: str | None = None) -> Any:
+            return await self._pick(payout_id).check(payout_id, partner_ref)
 
     settings = ServiceSettings(
         partner_url=ns.partner,

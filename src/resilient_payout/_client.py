@@ -25,6 +25,9 @@ from ._errors import (
     ClientNotRunning,
     ConcurrencyError,
     IdempotencyConflict,
+    InvalidRequest,
+    PartnerReferenceTaken,
+    PayoutAlreadyFinal,
     StorageError,
     UnknownPayout,
     WebhookRejected,
@@ -37,7 +40,9 @@ from ._lifecycle import (
     Notify,
     OperatorResolved,
     PartnerAnswered,
+    ReferenceRefused,
     SendExpired,
+    StatusChecked,
     SubmitNow,
     SubmitToPartner,
     WebhookReceived,
@@ -56,7 +61,9 @@ from ._model import (
     PayoutStatus,
     RateLimited,
     Refused,
+    SubmitAttempt,
     Uncertain,
+    idempotency_key,
 )
 from ._policy import Policy
 from ._stats import ClientStats, bump
@@ -65,13 +72,22 @@ from .notify import Notifier
 from .partner import Partner
 from .reconcile import CheckBudget, LocalCheckBudget
 from .storage import Storage
-from .webhooks import RejectReason, WebhookAuthError, WebhookVerifier, parse_webhook
+from .webhooks import (
+    RejectReason,
+    ReplayStore,
+    WebhookAuthError,
+    WebhookParser,
+    WebhookVerifier,
+    parse_webhook,
+)
 
 __all__ = ["ClientStats", "PayoutClient", "SubmitResult"]
 
 log = logging.getLogger("resilient_payout")
 
 _MAX_RACES: Final = 20
+_EVENT_ID_TTL: Final = 7 * 86_400.0
+"""How long a partner's webhook event id is remembered (with ``webhook_replays``)."""
 
 ConflictHook = Callable[[Payout, ConflictDetected], Awaitable[None] | None]
 
@@ -107,6 +123,13 @@ class PayoutClient:
         webhook_verifier: checks each webhook's authenticity before it is parsed (e.g.
             :class:`~resilient_payout.webhooks.StandardWebhookVerifier`); None accepts unsigned
             webhooks, like :class:`~resilient_payout.webhooks.UnsignedWebhooks`.
+        webhook_parser: reads the partner's webhook shape (by default the exercise's
+            ``{id, status}``, :func:`~resilient_payout.webhooks.parse_webhook`).
+        webhook_replays: remembers the partner's webhook event ids (when its parser returns
+            them) so a replayed event is refused; None: no check beyond the verifier's.
+
+    With a partner that declares :class:`~resilient_payout.IdempotencyKeys`, ``policy``'s
+    ``key_retention`` is set from it; otherwise it is 0 and an uncertain POST is never re-sent.
     """
 
     def __init__(
@@ -124,12 +147,18 @@ class PayoutClient:
         background: bool = True,
         close_storage: bool = True,
         webhook_verifier: WebhookVerifier | None = None,
+        webhook_parser: WebhookParser | None = None,
+        webhook_replays: ReplayStore | None = None,
     ) -> None:
         self.storage = storage
         self.partner = partner
         self.webhook_url = webhook_url
         self.notifier = notifier
-        self.policy = policy or Policy()
+        keys = getattr(partner, "idempotency", None)  # a pre-0.2 adapter may lack it
+        # The policy must say what the partner honours: decide() is pure and only sees it.
+        self.policy = (policy or Policy()).replace(
+            key_retention=keys.retention if keys is not None else 0.0
+        )
         self.budget: CheckBudget = budget or LocalCheckBudget(
             self.policy.check_rate, self.policy.check_burst
         )
@@ -139,6 +168,8 @@ class PayoutClient:
         self.background = background
         self.close_storage = close_storage
         self.webhook_verifier = webhook_verifier
+        self.webhook_parser: WebhookParser = webhook_parser or parse_webhook
+        self.webhook_replays = webhook_replays
         self.stats = ClientStats()
         self.limiter = anyio.CapacityLimiter(self.policy.max_concurrent_work)
         """Bounds this process's background tasks (submits, checks, pushes)."""
@@ -252,9 +283,54 @@ class PayoutClient:
             if not waiters:
                 self._waiters.pop(payout_id, None)
 
-    async def resolve(self, payout_id: str, status: PayoutStatus, note: str) -> Payout:
-        """An operator settles an open payout by hand (recorded in the audit trail)."""
-        return await self._apply(await self.get(payout_id), OperatorResolved(status, note))
+    async def find_by_partner_ref(self, partner_ref: str) -> Payout:
+        """The payout the partner knows by ``partner_ref``; raises
+        :class:`~resilient_payout.UnknownPayout`."""
+        p = await self.storage.get_by_partner_ref(partner_ref)
+        if p is None:
+            raise UnknownPayout(partner_ref)
+        return p
+
+    async def resolve(
+        self, payout_id: str, status: PayoutStatus, note: str, *, operator: str | None = None
+    ) -> Payout:
+        """An operator settles an open payout by hand, saying why in ``note``; the audit entry
+        names ``operator``, and the outcome goes to the outbox (pushed to the app) as any other.
+
+        ``status`` must be final and ``note`` not blank (else
+        :class:`~resilient_payout.InvalidRequest`). Goes through :func:`decide` and the same
+        compare-and-set as every change: of a resolve and a report arriving at once exactly one
+        wins. A payout final already (also one settled while this ran) raises
+        :class:`~resilient_payout.PayoutAlreadyFinal`, and nothing is written.
+        """
+        if not isinstance(status, PayoutStatus) or not status.is_final:
+            finals = ", ".join(s.value for s in PayoutStatus if s.is_final)
+            raise InvalidRequest(f"status must be a final status ({finals}), not {status!r}")
+        text, who = note.strip(), (operator or "").strip() or None
+        if not text:
+            raise InvalidRequest("a note saying why is required")
+        if len(text) > 2000 or (who is not None and len(who) > 100):
+            raise InvalidRequest("the note may have 2000 characters, the operator's name 100")
+        event = OperatorResolved(status, text, who)
+        current = await self.get(payout_id)
+        for _ in range(_MAX_RACES):
+            if current.is_final:
+                # Never overrides a final status, nor records a conflict: an operator who lost
+                # the race is told, and nothing is written.
+                raise PayoutAlreadyFinal(current.id, current.status.value)
+            decision = decide(current, event, self.clock.now(), self.policy)
+            outbox = self._outbox_for(decision)
+            stored = await self.storage.compare_and_set(
+                decision.payout, expected_version=current.version, outbox=outbox
+            )
+            if stored is not None:
+                self._written(current, stored, outbox is not None)
+                await self._act(stored, decision)
+                log.info("payout %s: resolved %s by operator %s", stored.id, status.value, who)
+                return stored
+            self.stats.races_lost += 1
+            current = await self.get(current.id)
+        raise ConcurrencyError(f"payout {current.id!r}: too many lost races")
 
     # -- the partner's side --------------------------------------------------------------------
 
@@ -263,16 +339,28 @@ class PayoutClient:
     ) -> Payout:
         """Apply a partner webhook. Raises WebhookRejected (with a ``webhook_verifier``: checked
         first, over the raw body and ``headers``), InvalidWebhook, or UnknownPayout for an
-        unknown id (a webhook never creates a payout)."""
+        unknown id or reference (a webhook never creates a payout)."""
+        headers = headers or {}
         if self.webhook_verifier is not None:
-            await self._verify_webhook(body, headers or {})
-        hook = parse_webhook(body)
+            await self._verify_webhook(body, headers)
+        hook = self.webhook_parser(body, headers)
         self.stats.webhooks += 1
-        p = await self.storage.get(hook.payout_id)
+        if hook.payout_id is not None:
+            p = await self.storage.get(hook.payout_id)
+        else:
+            assert hook.partner_ref is not None  # Webhook refuses neither
+            p = await self.storage.get_by_partner_ref(hook.partner_ref)
         if p is None:
             self.stats.webhooks_unknown += 1
-            raise UnknownPayout(hook.payout_id)
-        return await self._apply(p, WebhookReceived(hook.status))
+            raise UnknownPayout(hook.payout_id or f"partner reference {hook.partner_ref}")
+        if hook.event_id is not None and self.webhook_replays is not None:
+            now = self.clock.now()
+            if not await self.webhook_replays.add(
+                f"event:{hook.event_id}", now + _EVENT_ID_TTL, now
+            ):
+                bump(self.stats.webhooks_rejected, RejectReason.REPLAYED.value)
+                raise WebhookAuthError(RejectReason.REPLAYED, "webhook event already handled")
+        return await self._apply(p, WebhookReceived(hook.status, hook.partner_ref))
 
     async def _verify_webhook(
         self, body: bytes | str | dict[str, Any], headers: Mapping[str, str]
@@ -301,9 +389,19 @@ class PayoutClient:
                 await self._act(current, decision)
                 return current
             outbox = self._outbox_for(decision)
-            stored = await self.storage.compare_and_set(
-                decision.payout, expected_version=current.version, outbox=outbox
-            )
+            try:
+                stored = await self.storage.compare_and_set(
+                    decision.payout, expected_version=current.version, outbox=outbox
+                )
+            except PartnerReferenceTaken as exc:
+                # Two payouts can never share a reference: record the claim, then apply the
+                # news without it (storage wrote nothing).
+                self.stats.partner_refs_refused += 1
+                current = await self._apply(
+                    current, ReferenceRefused(exc.partner_ref, exc.holder_id)
+                )
+                event = _without_ref(event)
+                continue
             if stored is not None:
                 self._written(current, stored, outbox is not None)
                 await self._act(stored, decision)
@@ -366,8 +464,18 @@ class PayoutClient:
             await self._apply(payout, SendExpired(attempt))
             return
         self.stats.posts += 1
+        if payout.resends:
+            self.stats.resends += 1
+        request = SubmitAttempt(
+            payout_id=payout.id,
+            attempt=attempt,
+            request=payout.request,
+            webhook_url=self.webhook_url,
+            idempotency_key=idempotency_key(payout.id, attempt),
+            send=payout.resends + 1,
+        )
         try:
-            outcome = await self.partner.submit(payout.id, self.webhook_url)
+            outcome = await self.partner.submit(request)
         except Exception as exc:
             # A Partner must not raise, but one that does may have sent the request already.
             log.exception("payout %s: the partner's submit raised; outcome uncertain", payout.id)
@@ -438,6 +546,18 @@ class _Waiter:
     def __init__(self) -> None:
         self.event = anyio.Event()
         self.final: Payout | None = None
+
+
+def _without_ref(event: Event) -> Event:
+    """The same news without the partner reference storage refused."""
+    match event:
+        case PartnerAnswered(attempt=attempt, outcome=Accepted(status=status)):
+            return PartnerAnswered(attempt, Accepted(status))
+        case StatusChecked(attempt=attempt, outcome=Found(status=status), sent_at=sent_at):
+            return StatusChecked(attempt, Found(status), sent_at)
+        case WebhookReceived(status=status):
+            return WebhookReceived(status)
+    return event
 
 
 def _outcome_name(outcome: object) -> str:

@@ -23,6 +23,8 @@ VIRTUAL_LOOP_MARK: Final = "_resilient_payout_virtual_time"
 
 @runtime_checkable
 class Clock(Protocol):
+    """An epoch-seconds time source (``PayoutClient(clock=...)``); `LoopClock` by default."""
+
     def now(self) -> float:
         """Seconds since the epoch."""
         ...

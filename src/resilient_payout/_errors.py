@@ -6,11 +6,13 @@ Everything the library raises on purpose derives from :class:`PayoutError`::
     ├── InvalidRequest            the app's request is malformed (bad id, bad fields)
     ├── IdempotencyConflict       same id / idempotency key, different payload
     ├── UnknownPayout             no payout with that id
+    ├── PayoutAlreadyFinal        an operator tried to settle a payout that is final already
     ├── WebhookError
     │   ├── InvalidWebhook        malformed body, or a status outside the partner's vocabulary
     │   └── WebhookRejected       failed authenticity checks: forged, stale or replayed
     │       └── WebhookAuthError  the same, with ``reason`` (a webhooks.RejectReason)
     ├── ConfigurationError        a setting or URL the library cannot use (also a ValueError)
+    │   └── MissingExtra          an optional dependency is not installed (also an ImportError)
     ├── NotificationFailed        the app did not acknowledge a push (retried later)
     ├── StorageError
     │   ├── StorageUnavailable    the backend cannot be reached right now; retry later
@@ -37,8 +39,10 @@ __all__ = [
     "IdempotencyConflict",
     "InvalidRequest",
     "InvalidWebhook",
+    "MissingExtra",
     "NotificationFailed",
     "PartnerReferenceTaken",
+    "PayoutAlreadyFinal",
     "PayoutError",
     "StorageError",
     "StorageUnavailable",
@@ -73,6 +77,17 @@ class UnknownPayout(PayoutError, LookupError):
         self.payout_id = payout_id
 
 
+class PayoutAlreadyFinal(PayoutError):
+    """An operator tried to settle a payout that is final already (HTTP 409); nothing changed.
+
+    ``status`` is the final status it has (a string: this module imports no model)."""
+
+    def __init__(self, payout_id: str, status: str) -> None:
+        super().__init__(f"payout {payout_id!r} is final already ({status})")
+        self.payout_id = payout_id
+        self.status = status
+
+
 class WebhookError(PayoutError):
     """A partner webhook was not accepted."""
 
@@ -95,6 +110,22 @@ class WebhookAuthError(WebhookRejected):
 
 class ConfigurationError(PayoutError, ValueError):
     """A setting or URL the library cannot use (never echoing a URL's password)."""
+
+
+class MissingExtra(ConfigurationError, ImportError):
+    """An optional dependency is missing; the message is the ``pip install`` line that adds it.
+
+    Also an :class:`ImportError` (``name`` is the missing module), so ``except ImportError``
+    around an optional import still catches it.
+    """
+
+    def __init__(self, module: str, extra: str, needed_by: str) -> None:
+        super().__init__(
+            f"{needed_by} needs {module!r}, which is not installed: "
+            f"pip install 'resilient-payout[{extra}]'"
+        )
+        self.name = module
+        self.extra = extra
 
 
 class NotificationFailed(PayoutError):

@@ -113,11 +113,15 @@ class AiohttpClient:
         connect_timeout: float,
         read_timeout: float,
         total_timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Answer:
-        """One exchange (``payload`` sent as JSON); raises :class:`TransportError` when there is
-        no HTTP answer."""
+        """One exchange (``payload`` sent as JSON, with extra ``headers``); raises
+        :class:`TransportError` when there is no HTTP answer."""
         data = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
-        headers = {"content-type": "application/json"} if data is not None else None
+        sent: dict[str, str] | None = None
+        if data is not None or headers:
+            sent = {"content-type": "application/json"} if data is not None else {}
+            sent.update(headers or {})
         timeout = aiohttp.ClientTimeout(
             total=total_timeout,
             # "connect" includes the wait for a free pooled connection.
@@ -127,7 +131,7 @@ class AiohttpClient:
         )
         try:
             async with self._get().request(
-                method, url, data=data, headers=headers, timeout=timeout, allow_redirects=False
+                method, url, data=data, headers=sent, timeout=timeout, allow_redirects=False
             ) as response:
                 body = await _read_capped(response)
                 return Answer(response.status, response.headers, body)

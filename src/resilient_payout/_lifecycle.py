@@ -24,6 +24,12 @@ Rules (docs/concepts.md explains each):
 5. Time is hostile: an attempt older than ``max_send_delay - connect_timeout`` is not sent but
    decided again (``SendExpired``); a 404 proves absence only if its GET was *sent* after the
    window closed; a 404 for a transfer the partner acknowledged (``pending``) proves nothing.
+6. With a partner that honours idempotency keys (``Policy.key_retention > 0``) an uncertain or
+   orphaned POST is re-sent with the *same* key (same attempt), at most ``max_resends`` times
+   and only well inside the key's retention; then rule 2 applies, its window counted from the
+   last send. A new key (a new attempt) still needs confirmed absence.
+7. The partner's reference is taken from the first answer, check or webhook that names one; a
+   different one later is a conflict, recorded and never applied.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ __all__ = [
     "Notify",
     "OperatorResolved",
     "PartnerAnswered",
+    "ReferenceRefused",
     "SendExpired",
     "StatusChecked",
     "SubmitNow",
@@ -66,6 +73,7 @@ __all__ = [
     "WebhookReceived",
     "WorkDue",
     "decide",
+    "may_resend",
     "plan_next_check",
     "send_expired",
     "window_end",
@@ -106,7 +114,10 @@ class SendExpired:
 
 @dataclass(frozen=True, slots=True)
 class WebhookReceived:
+    """The partner's webhook reported ``status`` (and its own reference, when it sent one)."""
+
     status: PartnerStatus
+    partner_ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +135,20 @@ class StatusChecked:
 
 @dataclass(frozen=True, slots=True)
 class OperatorResolved:
-    """A human settled the payout (e.g. after reading the partner's back office)."""
+    """A human settled the payout (e.g. after reading the partner's back office); the audit
+    entry gives the ``note`` and names the ``operator``."""
 
     status: PayoutStatus
     note: str
+    operator: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceRefused:
+    """Storage refused to give this payout ``partner_ref``: payout ``holder_id`` holds it."""
+
+    partner_ref: str
+    holder_id: str | None
 
 
 Event = (
@@ -138,7 +159,9 @@ Event = (
     | WebhookReceived
     | StatusChecked
     | OperatorResolved
+    | ReferenceRefused
 )
+"""Every input ``decide`` accepts: one of the event classes above."""
 
 
 # --- effects ------------------------------------------------------------------------------
@@ -146,11 +169,16 @@ Event = (
 
 @dataclass(frozen=True, slots=True)
 class SubmitToPartner:
+    """POST the payout to the partner as ``attempt`` (1 = first; a later one only after a
+    confirmed absence)."""
+
     attempt: int
 
 
 @dataclass(frozen=True, slots=True)
 class CheckStatus:
+    """Queue a status check of ``attempt`` with the check scheduler (rationed by the budget)."""
+
     attempt: int
 
 
@@ -171,9 +199,12 @@ class ConflictDetected:
 
 
 Effect = SubmitToPartner | CheckStatus | Notify | ConflictDetected
+"""What ``decide`` asks the client to do: one of the effect classes above."""
 
 
 class Decision(NamedTuple):
+    """What `decide` returns: the payout to store and the effects to run, in order."""
+
     payout: Payout
     """The new record, or the very same object when nothing changes (nothing to write)."""
     effects: tuple[Effect, ...] = ()
@@ -184,8 +215,17 @@ class Decision(NamedTuple):
 
 def decide(p: Payout, event: Event, now: float, policy: Policy) -> Decision:
     """The next state of ``p`` after ``event`` at time ``now``, and what to do about it."""
-    if p.status.is_final:
-        return _after_final(p, event, now)
+    if isinstance(event, ReferenceRefused):
+        detail = f"partner reference {event.partner_ref!r} is held by payout {event.holder_id!r}"
+        return _conflict(p, now, p.status, Cause.RECOVERY, "reference_taken", detail)
+    decision = _after_final(p, event, now) if p.status.is_final else _decide(p, event, now, policy)
+    ref = _named_ref(p, event)
+    if ref is None or ref == decision.payout.partner_ref:
+        return decision
+    return _take_ref(decision, ref, now)
+
+
+def _decide(p: Payout, event: Event, now: float, policy: Policy) -> Decision:
     match event:
         case SubmitNow(cause=cause):
             if p.status is S.RECEIVED:
@@ -216,11 +256,63 @@ def decide(p: Payout, event: Event, now: float, policy: Policy) -> Decision:
             if attempt != p.attempt:
                 return Decision(p)
             return _on_check(p, outcome, now, policy, now if sent_at is None else sent_at)
-        case OperatorResolved(status=status, note=note):
+        case OperatorResolved(status=status, note=note, operator=operator):
             if not status.is_final:
                 return Decision(p)
-            return _finalize(p, status, now, Cause.OPERATOR, "operator", reason=note)
+            reason = note if operator is None else f"{note} (by {operator})"
+            return _finalize(p, status, now, Cause.OPERATOR, "operator", reason=reason)
     raise TypeError(f"not an event: {event!r}")  # pragma: no cover - exhaustive match
+
+
+def _named_ref(p: Payout, event: Event) -> str | None:
+    """The partner's reference this event names for the current attempt, if any."""
+    match event:
+        case PartnerAnswered(attempt=attempt, outcome=Accepted(partner_ref=ref)):
+            return ref if attempt == p.attempt else None
+        case StatusChecked(attempt=attempt, outcome=Found(partner_ref=ref)):
+            return ref if attempt == p.attempt else None
+        case WebhookReceived(partner_ref=ref):
+            return ref
+    return None
+
+
+def _take_ref(decision: Decision, ref: str, now: float) -> Decision:
+    """Keep the first reference the partner names; a different one is a conflict (rule 7)."""
+    new = decision.payout
+    if new.partner_ref is None:
+        return Decision(replace(new, partner_ref=ref, updated_at=now), decision.effects)
+    detail = f"partner named reference {ref!r}, we hold {new.partner_ref!r}"
+    flagged = _conflict(new, now, new.status, Cause.PARTNER_ANSWER, "reference_conflict", detail)
+    return Decision(flagged.payout, decision.effects + flagged.effects)
+
+
+def may_resend(p: Payout, now: float, policy: Policy) -> bool:
+    """Whether an ``unknown`` attempt may be POSTed again now with its idempotency key (rule 6).
+
+    Only while the partner surely still holds the key: the re-send must reach it (within
+    ``max_send_delay``, judged by a clock up to ``max_clock_skew`` off) before ``key_retention``
+    after the key's first use ends.
+    """
+    if policy.key_retention <= 0 or p.status is not S.UNKNOWN or p.key_first_sent_at is None:
+        return False
+    if p.resends >= policy.max_resends:
+        return False
+    latest_arrival = now + policy.max_send_delay + policy.max_clock_skew
+    return latest_arrival < p.key_first_sent_at + policy.key_retention
+
+
+def _resend_at(p: Payout, now: float, policy: Policy, retry_after: float | None) -> float:
+    backoff = min(policy.resend_backoff_initial * 2.0**p.resends, policy.resend_backoff_max)
+    return now + max(backoff, policy.retry_delay(retry_after, 0.0))
+
+
+def _uncertain(
+    moved: Payout, now: float, policy: Policy, retry_after: float | None = None
+) -> Payout:
+    """Schedule an ``unknown`` attempt: a re-send with its key if allowed, else checks."""
+    if may_resend(moved, now, policy):
+        return replace(moved, next_check_at=_resend_at(moved, now, policy, retry_after))
+    return replace(moved, next_check_at=plan_next_check(moved, now, policy))
 
 
 def window_end(p: Payout, policy: Policy) -> float | None:
@@ -309,10 +401,28 @@ def _post(p: Payout, now: float, policy: Policy, cause: Cause, event: str) -> De
         attempt=attempt,
         posts=p.posts + 1,
         attempt_started_at=now,
+        key_first_sent_at=now if p.key_first_sent_at is None else p.key_first_sent_at,
         answered_at=None,
         next_check_at=now + policy.submit_deadline,
     )
     return Decision(new, (SubmitToPartner(attempt),))
+
+
+def _resend(p: Payout, now: float, policy: Policy) -> Decision:
+    """POST the same attempt again with the same idempotency key (rule 6)."""
+    new = _move(
+        p,
+        S.SUBMITTING,
+        now,
+        Cause.RECOVERY,
+        "resend",
+        f"attempt {p.attempt}, send {p.resends + 2}, same idempotency key",
+        resends=p.resends + 1,
+        posts=p.posts + 1,
+        attempt_started_at=now,
+        next_check_at=now + policy.submit_deadline,
+    )
+    return Decision(new, (SubmitToPartner(p.attempt),))
 
 
 def _finalize(
@@ -378,7 +488,11 @@ def _on_due(p: Payout, now: float, policy: Policy) -> Decision:
         moved = _move(
             p, S.UNKNOWN, now, Cause.RECOVERY, "submit_orphaned", "no answer within submit_deadline"
         )
+        if may_resend(moved, now, policy):
+            return _resend(moved, now, policy)  # the same key: the partner dedupes it
         return Decision(replace(moved, next_check_at=plan_next_check(moved, now, policy)))
+    if may_resend(p, now, policy):
+        return _resend(p, now, policy)
     return Decision(p, (CheckStatus(p.attempt),))
 
 
@@ -426,13 +540,15 @@ def _on_answer(p: Payout, outcome: SubmitOutcome, now: float, policy: Policy) ->
             return _not_sent(p, now, policy, reason, None)
         case RateLimited(retry_after=retry_after):
             return _not_sent(p, now, policy, "partner answered 429", retry_after)
-        case Uncertain(reason=reason):
+        case Uncertain(reason=reason, retry_after=retry_after):
             moved = _move(p, S.UNKNOWN, now, cause, "uncertain", reason)
-            return Decision(replace(moved, next_check_at=plan_next_check(moved, now, policy)))
+            return Decision(_uncertain(moved, now, policy, retry_after))
     raise TypeError(f"not a submit outcome: {outcome!r}")  # pragma: no cover
 
 
 def _refusal(outcome: Refused) -> str:
+    if outcome.http_status == 0:  # the adapter refused to build it: never sent
+        return f"request refused before sending: {outcome.reason}"
     return f"partner refused the request (HTTP {outcome.http_status}): {outcome.reason}"
 
 
@@ -536,7 +652,9 @@ def _absent(p: Payout, now: float, policy: Policy) -> Decision:
             posts=p.posts + 1,
             send_failures=0,
             checks=0,
+            resends=0,
             attempt_started_at=now,
+            key_first_sent_at=now,
             answered_at=None,
             next_check_at=now + policy.submit_deadline,
         )

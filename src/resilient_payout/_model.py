@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
@@ -26,6 +28,7 @@ __all__ = [
     "CheckFailed",
     "CheckOutcome",
     "Found",
+    "IdempotencyKeys",
     "NotFound",
     "NotSent",
     "OutboxEntry",
@@ -35,8 +38,10 @@ __all__ = [
     "PayoutStatus",
     "RateLimited",
     "Refused",
+    "SubmitAttempt",
     "SubmitOutcome",
     "Uncertain",
+    "idempotency_key",
 ]
 
 ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
@@ -356,6 +361,12 @@ class Payout:
     checks: int = 0
     """Status checks spent on this attempt."""
     attempt_started_at: float | None = None
+    """When the latest POST of this attempt was decided (the late-arrival window counts from it)."""
+    resends: int = 0
+    """POSTs of this attempt after its first, with the same idempotency key (partners that
+    honour one only, see :class:`IdempotencyKeys`)."""
+    key_first_sent_at: float | None = None
+    """When this attempt's idempotency key was first used: the partner keeps it from then."""
     answered_at: float | None = None
     """When the partner acknowledged the attempt without a final status (``pending``)."""
     next_check_at: float | None = None
@@ -403,6 +414,8 @@ class Payout:
             "send_failures": self.send_failures,
             "checks": self.checks,
             "attempt_started_at": self.attempt_started_at,
+            "resends": self.resends,
+            "key_first_sent_at": self.key_first_sent_at,
             "answered_at": self.answered_at,
             "next_check_at": self.next_check_at,
             "partner_status": self.partner_status.value if self.partner_status else None,
@@ -429,6 +442,8 @@ class Payout:
             send_failures=int(d.get("send_failures", 0)),
             checks=int(d.get("checks", 0)),
             attempt_started_at=d.get("attempt_started_at"),
+            resends=int(d.get("resends", 0)),
+            key_first_sent_at=d.get("key_first_sent_at"),
             answered_at=d.get("answered_at"),
             next_check_at=d.get("next_check_at"),
             partner_status=PartnerStatus(ps) if ps else None,
@@ -488,9 +503,11 @@ class OutboxEntry:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """The partner took the POST and answered with a status (final or ``pending``)."""
+    """The partner took the POST and answered with a status (final or ``pending``), and its own
+    reference for the transfer if its answer names one."""
 
     status: PartnerStatus
+    partner_ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,16 +534,22 @@ class NotSent:
 
 @dataclass(frozen=True, slots=True)
 class Uncertain:
-    """The request may have reached the partner; its outcome is unknown (504, timeout, 5xx...)."""
+    """The request may have reached the partner; its outcome is unknown (504, timeout, 5xx...).
+
+    ``retry_after``: the partner asked us to come back later with the same idempotency key (a
+    409 "still in progress"); only meaningful for partners that honour keys.
+    """
 
     reason: str
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Found:
-    """A status check found the partner's record."""
+    """A status check found the partner's record (and its reference, if the answer names it)."""
 
     status: PartnerStatus
+    partner_ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,5 +564,73 @@ class CheckFailed:
     reason: str
 
 
+# --- what the partner adapter is given --------------------------------------------------------
+
+_KEY_NAMESPACE: Final = uuid.UUID("6f1c1c9e-5b1e-4d0e-9a53-2f0e6d1a7c44")
+
+
+def idempotency_key(payout_id: str, attempt: int) -> str:
+    """The partner idempotency key of one attempt: a UUID derived from our id and the attempt
+    number, so it is the same on every re-send of that attempt, from any process, and new only
+    for a new attempt (which is made only after the previous one was confirmed absent)."""
+    return str(uuid.uuid5(_KEY_NAMESPACE, f"{payout_id}\x00{attempt}"))
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitAttempt:
+    """Everything a partner adapter needs to POST one transfer.
+
+    ``request`` is the app's request as stored: ``id`` plus its extra fields (amount, currency,
+    beneficiary...), canonical (numbers exact: ints or decimal strings, see
+    :class:`PayoutRequest`). ``send`` counts the POSTs of this attempt (1 = first; more only for
+    a partner that honours idempotency keys, each with the same ``idempotency_key``).
+    """
+
+    payout_id: str
+    attempt: int
+    request: Mapping[str, Any]
+    webhook_url: str
+    idempotency_key: str
+    send: int = 1
+
+    @classmethod
+    def first(
+        cls, payout_id: str, webhook_url: str, request: Mapping[str, Any] | None = None
+    ) -> SubmitAttempt:
+        """The first POST of attempt 1 (for tests and scripts)."""
+        return cls(
+            payout_id=payout_id,
+            attempt=1,
+            request=request if request is not None else {"id": payout_id},
+            webhook_url=webhook_url,
+            idempotency_key=idempotency_key(payout_id, 1),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKeys:
+    """A partner's POST honours an idempotency key: a re-send with the same key within
+    ``retention`` seconds of its first use returns the first request's result and never makes a
+    second transfer, and an answer of 409 means the first is still in progress.
+
+    The key travels in the ``header`` (e.g. ``Idempotency-Key``) or in a ``body_field`` (Wise's
+    ``customerTransactionId``): the adapter puts :attr:`SubmitAttempt.idempotency_key` there.
+    Declaring this lets the client re-send an uncertain POST at once instead of waiting out the
+    late-arrival window (``Policy.max_resends``).
+    """
+
+    retention: float = 86_400.0
+    header: str | None = "Idempotency-Key"
+    body_field: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.retention <= 0:
+            raise ValueError("retention must be positive")
+        if (self.header is None) == (self.body_field is None):
+            raise ValueError("an idempotency key travels in exactly one of header, body_field")
+
+
 SubmitOutcome = Accepted | Refused | RateLimited | NotSent | Uncertain
+"""How a partner POST ended, classified: every answer, error or silence is one of these."""
 CheckOutcome = Found | NotFound | RateLimited | CheckFailed
+"""How a partner status check ended, classified."""

@@ -79,6 +79,20 @@ class Policy:
     max_submit_attempts: int = 2
     """Partner attempts per payout; a second one only after confirmed absence of the first."""
 
+    # -- partners that honour an idempotency key ---------------------------------------------
+    max_resends: int = 8
+    """Re-sends of an uncertain POST with the same idempotency key before falling back to status
+    checks and the late-arrival window. Used only when the partner declares
+    :class:`~resilient_payout.IdempotencyKeys` (the client sets ``key_retention`` from it);
+    with a partner that does not, an uncertain POST is never re-sent."""
+    resend_backoff_initial: float = _seconds(2.0, "First wait before re-sending with the same key")
+    resend_backoff_max: float = _seconds(30.0, "Cap of that wait")
+    key_retention: float = _seconds(
+        0.0,
+        "How long the partner keeps an idempotency key (0: it honours none). Set by the client "
+        "from the partner's IdempotencyKeys; a re-send is made only well inside it.",
+    )
+
     # -- awaiting a final status ---------------------------------------------------------------
     webhook_grace: float = _seconds(
         35.0, "After the partner acknowledged a POST as pending, wait this long for the webhook"
@@ -168,5 +182,7 @@ class Policy:
             raise ValueError("claim_grace must exceed max_clock_skew")
         if self.max_retry_after <= 0 or self.notify_max_rounds < 1:
             raise ValueError("max_retry_after and notify_max_rounds must be positive")
+        if self.max_resends < 0 or self.key_retention < 0:
+            raise ValueError("max_resends and key_retention must not be negative")
         if self.max_submit_attempts < 1 or self.check_burst < 1 or self.check_rate <= 0:
             raise ValueError("max_submit_attempts, check_burst and check_rate must be positive")

@@ -28,6 +28,10 @@ class ClientStats:
     resolved: dict[str, int] = field(default_factory=dict)
     confirmed_absences: int = 0
     resubmissions: int = 0
+    resends: int = 0
+    """POSTs re-sent with the same idempotency key (partners that honour one)."""
+    partner_refs_refused: int = 0
+    """Partner references storage refused because another payout holds them (conflicts)."""
     recovered_orphans: int = 0
     conflicts: int = 0
     hook_errors: int = 0

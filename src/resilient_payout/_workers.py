@@ -146,7 +146,7 @@ class CheckScheduler:
         self._count()
         sent_at = client.clock.now()  # before the GET: a 404 is judged by when it left
         try:
-            outcome = await client.partner.check(fresh.id)
+            outcome = await client.partner.check(fresh.id, fresh.partner_ref)
         except Exception as exc:
             log.exception("payout %s: the partner's check raised", payout.id)
             outcome = CheckFailed(f"partner adapter raised {type(exc).__name__}")

@@ -8,8 +8,8 @@ variable            default                     meaning
 ==================  ==========================  =================================================
 ``RP_PARTNER_URL``  ``http://127.0.0.1:3000``   the partner's base URL
 ``RP_PUBLIC_URL``   ``http://127.0.0.1:3200``   our base URL as the partner reaches it;
-                                                webhooks go to ``{public}/webhook``
-``RP_CLIENT_URL``   ``http://127.0.0.1:3100``   the app's backend: ``PUT {client}/transaction``
+                                                webhooks go to ``{public}{prefix}{webhook}``
+``RP_CLIENT_URL``   ``http://127.0.0.1:3100``   the app's backend: ``PUT {client}{push path}``
 ``RP_PUSH_BODY``    ``flat``                    push body: ``flat`` ``{"id", "status"}`` or
                                                 ``nested`` ``{"status": {"id", "status"}}``
 ``RP_STORAGE_URL``  ``sqlite:///payouts.db``    :func:`~resilient_payout.storage_from_url`
@@ -28,6 +28,24 @@ variable            default                     meaning
                                                 seconds (not scaled)
 ==================  ==========================  =================================================
 
+Routes and paths (docs/embedding.md); a path is ``/`` then segments of ``[A-Za-z0-9._~-]``:
+
+=============================  ================  ===============================================
+variable                       default           meaning
+=============================  ================  ===============================================
+``RP_ROUTE_PREFIX``            empty             where the routes sit in the app serving them
+                                                 (``include_router(..., prefix=...)``), e.g.
+                                                 ``/payouts``; part of the webhook URL
+``RP_TRANSACTION_PATH``        ``/transaction``  ``POST`` it, ``GET`` it ``/{id}``
+``RP_WEBHOOK_PATH``            ``/webhook``      the partner's ``POST``
+``RP_HEALTH_PATH``             ``/healthz``      liveness; ``off``: not served
+``RP_READY_PATH``              ``/readyz``       readiness; ``off``: not served
+``RP_METRICS_PATH``            ``/metrics``      Prometheus; ``off``: not served
+``RP_PUSH_PATH``               ``/transaction``  outcomes are ``PUT {client}{push path}``
+``RP_EXPOSE_PARTNER_REF``      ``false``         ``true``: ``GET`` answers carry the partner's
+                                                 reference (``partner_ref``) once known
+=============================  ================  ===============================================
+
 Security settings (docs/security.md):
 
 ===============================  ==========  ==================================================
@@ -45,18 +63,31 @@ variable                         default     meaning
                                              alphanumeric; ``uuid``: a lowercase canonical UUID
 ``RP_EXTRA_FIELDS``              ``allow``   ``allow``: fields besides ``id`` are kept and part
                                              of the fingerprint; ``forbid``: they are a 422
+``RP_ADMIN_TOKEN``               empty       the bearer token of the admin API and ops page
+                                             (at least 24 characters); empty: they are off
+                                             (docs/operations.md)
 ===============================  ==========  ==================================================
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from ._errors import MissingExtra
 from ._policy import Policy
 from ._urls import redact_url as _redact
 from .storage import storage_from_url
@@ -91,13 +122,26 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "RP_MAX_WEBHOOK_BODY": "max_webhook_body",
     "RP_ID_FORMAT": "id_format",
     "RP_EXTRA_FIELDS": "extra_fields",
+    "RP_ADMIN_TOKEN": "admin_token",
+    "RP_ROUTE_PREFIX": "route_prefix",
+    "RP_TRANSACTION_PATH": "transaction_path",
+    "RP_WEBHOOK_PATH": "webhook_path",
+    "RP_HEALTH_PATH": "health_path",
+    "RP_READY_PATH": "ready_path",
+    "RP_METRICS_PATH": "metrics_path",
+    "RP_PUSH_PATH": "push_path",
+    "RP_EXPOSE_PARTNER_REF": "expose_partner_ref",
 }
 """Environment variable -> :class:`ServiceSettings` field."""
 
-_SECRET_FIELDS: Final = frozenset({"storage_url", "budget_url", "webhook_secrets"})
+_SECRET_FIELDS: Final = frozenset({"storage_url", "budget_url", "webhook_secrets", "admin_token"})
 """Never echoed in error messages or logs (a database URL may carry a password)."""
 _MAX_WEBHOOK_BODY: Final = 64 * 1024
 """The most :func:`~resilient_payout.webhooks.parse_webhook` reads; caps ``max_webhook_body``."""
+
+
+_PATH: Final = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+"""A route path or prefix: no trailing slash, no parameters, nothing that needs escaping."""
 
 
 def _base_url(value: str) -> str:
@@ -135,6 +179,23 @@ class ServiceSettings(BaseModel):
     max_webhook_body: int = Field(default=_MAX_WEBHOOK_BODY, ge=64, le=_MAX_WEBHOOK_BODY)
     id_format: Literal["token", "uuid"] = "token"
     extra_fields: Literal["allow", "forbid"] = "allow"
+    admin_token: SecretStr | None = None
+    route_prefix: str = ""
+    transaction_path: str = "/transaction"
+    webhook_path: str = "/webhook"
+    health_path: str = "/healthz"
+    ready_path: str = "/readyz"
+    metrics_path: str = "/metrics"
+    push_path: str = "/transaction"
+    expose_partner_ref: bool = False
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # Long enough not to be guessed online; the message never contains the token.
+        if value is not None and len(value.get_secret_value().strip()) < 24:
+            raise ValueError("must be at least 24 characters (e.g. `openssl rand -hex 24`)")
+        return value
 
     @field_validator("webhook_secrets", mode="before")
     @classmethod
@@ -157,12 +218,48 @@ class ServiceSettings(BaseModel):
     def _check_url(cls, value: str) -> str:
         return _base_url(value)
 
+    @field_validator("transaction_path", "webhook_path", "push_path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not _PATH.fullmatch(value):
+            raise ValueError("must be a path like /transaction (segments of [A-Za-z0-9._~-])")
+        return value
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if value and not _PATH.fullmatch(value):
+            raise ValueError("must be empty or a path like /payouts (segments of [A-Za-z0-9._~-])")
+        return value
+
+    @field_validator("health_path", "ready_path", "metrics_path")
+    @classmethod
+    def _check_optional_path(cls, value: str) -> str:
+        # An empty variable means the default (as for every variable): "off" turns a route off.
+        if value in ("", "off"):
+            return ""
+        if not _PATH.fullmatch(value):
+            raise ValueError("must be off or a path like /healthz (segments of [A-Za-z0-9._~-])")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_paths(self) -> ServiceSettings:
+        paths = [self.transaction_path, self.webhook_path, self.health_path, self.ready_path,
+                 self.metrics_path]  # fmt: skip
+        served = [p for p in paths if p]
+        if len(set(served)) < len(served):
+            raise ValueError("RP_TRANSACTION_PATH, RP_WEBHOOK_PATH, RP_HEALTH_PATH, "
+                             "RP_READY_PATH and RP_METRICS_PATH must differ")  # fmt: skip
+        return self
+
     @field_validator("storage_url")
     @classmethod
     def _check_storage(cls, value: str) -> str:
         # Builds the (unopened) backend only to reject a bad URL at startup, not at first use.
         try:
             storage_from_url(value)
+        except MissingExtra:
+            pass  # not a bad setting: building the storage says which pip install it needs
         except ValueError as exc:
             raise ValueError(str(exc).replace(value, _redact(value))) from None
         return value
@@ -192,13 +289,13 @@ class ServiceSettings(BaseModel):
 
     @property
     def webhook_url(self) -> str:
-        """Where the partner POSTs webhooks: ``{public_url}/webhook``."""
-        return f"{self.public_url}/webhook"
+        """Where the partner POSTs webhooks: ``{public_url}{route_prefix}{webhook_path}``."""
+        return f"{self.public_url}{self.route_prefix}{self.webhook_path}"
 
     @property
     def push_url(self) -> str:
-        """Where outcomes are pushed: ``PUT {client_url}/transaction``."""
-        return f"{self.client_url}/transaction"
+        """Where outcomes are pushed: ``PUT {client_url}{push_path}``."""
+        return f"{self.client_url}{self.push_path}"
 
     def policy(self) -> Policy:
         """The policy: defaults with this check budget, scaled by ``time_scale``."""

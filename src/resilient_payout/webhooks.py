@@ -1,7 +1,10 @@
 """Partner webhooks: authenticity checks, then parsing into typed, trusted values.
 
-The partner POSTs ``{"id": "...", "status": "completed" | "declined" | "pending"}``. Anything
-else is an :class:`~resilient_payout.InvalidWebhook`; the client then maps an unknown id to
+The exercise's partner POSTs ``{"id": "...", "status": "completed" | "declined" | "pending"}``
+(:func:`parse_webhook`, the default). Another partner's shape is read by a
+:class:`WebhookParser` of its own (body + headers -> :class:`Webhook`: our id or the partner's
+reference, its status, its event id). Anything unreadable is an
+:class:`~resilient_payout.InvalidWebhook`; the client then maps an unknown id or reference to
 :class:`~resilient_payout.UnknownPayout` (a webhook never creates a payout).
 
 Authenticity follows Standard Webhooks (https://www.standardwebhooks.com): the sender signs
@@ -44,8 +47,10 @@ __all__ = [
     "UnsignedWebhooks",
     "Webhook",
     "WebhookAuthError",
+    "WebhookParser",
     "WebhookVerifier",
     "parse_webhook",
+    "read_json_object",
     "sign_webhook",
 ]
 
@@ -275,14 +280,34 @@ class StandardWebhookVerifier:
 
 @dataclass(frozen=True, slots=True)
 class Webhook:
-    """A well-formed partner notification."""
+    """A well-formed partner notification: it names our id, the partner's reference, or both.
 
-    payout_id: str
+    ``event_id`` is the partner's id of this notification (if it has one): with a replay store
+    given to the client, a second webhook with the same event id is refused as a replay.
+    """
+
+    payout_id: str | None
     status: PartnerStatus
+    partner_ref: str | None = None
+    event_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.payout_id is None and self.partner_ref is None:
+            raise InvalidWebhook("a webhook must name our id or the partner's reference")
 
 
-def parse_webhook(body: bytes | str | dict[str, Any]) -> Webhook:
-    """Validate a webhook body (raw bytes/str or already-decoded JSON object)."""
+@runtime_checkable
+class WebhookParser(Protocol):
+    """Turns an authentic webhook (body and headers) into a :class:`Webhook`, raising
+    :class:`~resilient_payout.InvalidWebhook` for anything it cannot read."""
+
+    def __call__(
+        self, body: bytes | str | dict[str, Any], headers: Mapping[str, str]
+    ) -> Webhook: ...
+
+
+def read_json_object(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    """A webhook body as a JSON object (for parsers): bounded, or :class:`InvalidWebhook`."""
     data: Any = body
     if isinstance(body, bytes | str):
         if len(body) > _MAX_BODY:
@@ -293,6 +318,14 @@ def parse_webhook(body: bytes | str | dict[str, Any]) -> Webhook:
             raise InvalidWebhook("webhook body is not JSON") from exc
     if not isinstance(data, dict):
         raise InvalidWebhook("webhook body must be a JSON object")
+    return data
+
+
+def parse_webhook(
+    body: bytes | str | dict[str, Any], headers: Mapping[str, str] | None = None
+) -> Webhook:
+    """The exercise's webhook ``{"id", "status"}`` (raw bytes/str or decoded JSON object)."""
+    data = read_json_object(body)
     pid = data.get("id")
     status = data.get("status")
     if not isinstance(pid, str) or not pid:

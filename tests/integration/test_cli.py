@@ -170,9 +170,9 @@ def test_every_mock_partner_knob_has_a_flag() -> None:
         f
         for f in dataclasses.fields(MockPartnerConfig)
         # The webhook secret comes from RP_PARTNER_WEBHOOK_SECRET, never argv (it would show in ps).
-        if f.name not in ("seed", "time_scale", "webhook_secret")
+        if f.name not in ("seed", "time_scale", "webhook_secret", "honor_idempotency_key")
     ]
-    argv = ["mock-partner", "--seed", "abc", "--time-scale", "0.5"]
+    argv = ["mock-partner", "--seed", "abc", "--time-scale", "0.5", "--honor-idempotency-key"]
     # A valid, non-default value for each: probabilities and durations 0.25, the int knob 7.
     for f in fields:
         argv += ["--" + f.name.replace("_", "-"), "7" if f.name == "rate_limit_checks" else "0.25"]
@@ -180,6 +180,8 @@ def test_every_mock_partner_knob_has_a_flag() -> None:
     config = partner_config(parse(*argv))
 
     assert (config.seed, config.time_scale) == ("abc", 0.5)
+    assert config.honor_idempotency_key is True
+    assert partner_config(parse("mock-partner")).honor_idempotency_key is False
     assert config.rate_limit_checks == 7
     assert all(getattr(config, f.name) == 0.25 for f in fields if f.name != "rate_limit_checks")
 

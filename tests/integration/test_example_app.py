@@ -61,3 +61,31 @@ async def test_the_example_serves_health_and_metrics(monkeypatch: pytest.MonkeyP
         metrics = await http.get("/metrics")
     assert health.json() == {"status": "ok"}
     assert "resilient_payout_up 1.0" in metrics.text
+
+
+HOST = "examples.fastapi_service.host"
+
+
+@pytest.mark.anyio
+async def test_the_host_example_serves_the_payout_routes_under_payouts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delitem(sys.modules, HOST, raising=False)
+    module = importlib.import_module(HOST)
+    app = module.app
+    assert module.service.settings.webhook_url == "http://service.test:4200/payouts/webhook"
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://service.test") as http,
+    ):
+        await anyio.lowlevel.checkpoint()
+        hello = await http.get("/hello")
+        ready = await http.get("/payouts/readyz")
+        submitted = await http.post("/payouts/transaction", json={"id": "host-1"})
+    assert hello.json() == {"hello": "world"}
+    assert ready.json() == {"status": "ready"}
+    assert submitted.json() == {"id": "host-1", "status": "pending"}
+    assert "/payouts/transaction" in app.openapi()["paths"]

@@ -678,3 +678,68 @@ async def test_serve_mock_partner_raises_when_the_port_is_taken() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(RuntimeError, match="failed to start"):
             await serve_mock_partner(MockPartnerConfig(), "127.0.0.1", port)
+
+
+# -- idempotency keys (off by default, as the exercise's partner) -------------------------------
+
+
+async def _post_keyed(http: httpx.AsyncClient, payout_id: str, key: str) -> httpx.Response:
+    body = {"id": payout_id, "webhookUrl": HOOK_URL}
+    return await http.post("/transaction", json=body, headers={"Idempotency-Key": key})
+
+
+async def test_a_held_key_is_answered_409_then_with_the_first_record_never_a_second_transfer() -> (
+    None
+):
+    config = MockPartnerConfig(
+        seed=3, p_timeout=1.0, p_late_landing_given_timeout=1.0, honor_idempotency_key=True
+    )
+    async with running(config) as rig:
+        first = await _post_keyed(rig.http, "keyed", "k-1")
+        assert first.status_code == 504
+        in_progress = await _post_keyed(rig.http, "keyed", "k-1")  # at ~30 s, before landing
+        await anyio.sleep(config.late_landing_max)
+        landed = await _post_keyed(rig.http, "keyed", "k-1")
+        stats = rig.partner.stats()
+    assert in_progress.status_code == 409
+    assert landed.status_code == 200
+    assert landed.json()["status"] == status_of(rig, "keyed")
+    assert stats["posts_max_per_id"] == 1  # the replays never became POSTs of a transfer
+    assert stats["double_payments"] == []
+
+
+async def test_keys_are_ignored_unless_the_knob_is_on() -> None:
+    config = MockPartnerConfig(seed=3, p_timeout=1.0, p_late_landing_given_timeout=1.0)
+    async with running(config) as rig:
+        await _post_keyed(rig.http, "plain", "k-1")
+        await _post_keyed(rig.http, "plain", "k-1")
+        stats = rig.partner.stats()
+    assert stats["posts_max_per_id"] == 2
+    assert stats["double_payments"] == ["plain"]
+
+
+async def test_the_client_resends_with_the_same_key_to_a_partner_that_honours_it() -> None:
+    from resilient_payout import HttpPartner, IdempotencyKeys, PayoutClient, Policy
+    from resilient_payout.partner import ExerciseCodec
+    from resilient_payout.storage.memory import MemoryStorage
+
+    config = MockPartnerConfig(
+        seed=5, p_timeout=1.0, p_late_landing_given_timeout=0.0, honor_idempotency_key=True
+    )
+    async with running(config) as rig:
+        codec = ExerciseCodec(idempotency=IdempotencyKeys())
+        policy = Policy(max_submit_attempts=1)
+        partner = HttpPartner("http://partner", client=rig.http, codec=codec)
+        client = PayoutClient(
+            storage=MemoryStorage(), partner=partner, webhook_url=HOOK_URL, policy=policy
+        )
+        async with client:
+            await client.submit({"id": "dropped"})
+            p = await client.wait_final("dropped", 2_000)
+        stats = rig.partner.stats()
+    # Every POST times out and never lands: each re-send under the same key is a fresh request
+    # (the partner held nothing), until the re-sends run out and absence is confirmed after
+    # the window of the last one.
+    assert p.status.value == "failed"
+    assert client.stats.resends == Policy().max_resends
+    assert stats["double_payments"] == []

@@ -271,6 +271,7 @@ def test_openapi_lists_every_route_with_its_problem_responses() -> None:
         ("/transaction/{payout_id}", "get"): {"200", "404", "422", "500", "503"},
         ("/webhook", "post"): {"200", "400", "401", "404", "409", "413", "422", "500", "503"},
         ("/healthz", "get"): {"200", "503"},
+        ("/readyz", "get"): {"200", "503"},  # new in 0.2 (readiness)
         ("/metrics", "get"): {"200", "500"},
     }
     assert {(p, m) for p, item in paths.items() for m in item} == set(expected)

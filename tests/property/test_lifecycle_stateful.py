@@ -9,6 +9,11 @@ transit, check answers arrive up to 40 s after the partner looked, the partner m
 while its record is ``pending``, and a second instance whose clock is up to
 ``max_clock_skew`` apart works on the same storage. Invariants hold after every step; at the end
 everything must be final, equal to the partner's truth, and notified once.
+
+The same machine runs against two partner kinds: the exercise's (no idempotency keys: an
+uncertain POST is never re-sent before its absence is confirmed) and one that honours
+idempotency keys and names its own references (an uncertain POST is re-sent at once with the
+same key). The invariants are the same.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from hypothesis.stateful import (
 from resilient_payout import (
     CallbackNotifier,
     IdempotencyConflict,
+    IdempotencyKeys,
     LocalCheckBudget,
     LoopClock,
     PartnerStatus,
@@ -116,6 +122,10 @@ class _Host:
 
 class PayoutLifecycle(RuleBasedStateMachine):
     ids = Bundle("ids")
+    keys: IdempotencyKeys | None = None
+    """What the partner honours; None is the exercise's partner."""
+    max_reached = POLICY.max_submit_attempts
+    slack = SLACK
 
     def __init__(self) -> None:
         super().__init__()
@@ -125,7 +135,9 @@ class PayoutLifecycle(RuleBasedStateMachine):
         self.budget = LocalCheckBudget(POLICY.check_rate, POLICY.check_burst)
         self.second: _Host | None = None
         self.scripts: dict[str, list[Script]] = {}
-        self.partner = FakePartner(script=self._script)
+        self.partner = FakePartner(
+            script=self._script, idempotency=self.keys, partner_refs=self.keys is not None
+        )
         self.partner.webhook_sink = self._webhook_sink
         self.pushes: dict[str, list[S]] = defaultdict(list)
         self.seen_final: dict[str, S] = {}
@@ -283,7 +295,7 @@ class PayoutLifecycle(RuleBasedStateMachine):
     def never_paid_twice(self) -> None:
         assert self.partner.double_payments == []
         for pid in self.scripts:
-            assert self.partner.reached(pid) <= POLICY.max_submit_attempts
+            assert self.partner.reached(pid) <= self.max_reached
 
     @invariant()
     def final_states_never_change(self) -> None:
@@ -302,7 +314,7 @@ class PayoutLifecycle(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             if self.client is not None:
-                horizon = POLICY.max_submit_attempts * SLACK + 600
+                horizon = POLICY.max_submit_attempts * self.slack + 600
                 self.run(asyncio.sleep(horizon))
                 self._check_end_state()
         finally:
@@ -325,7 +337,7 @@ class PayoutLifecycle(RuleBasedStateMachine):
             offset = self._clock_offset()
             final_at = next(a.at for a in p.audit if a.to_status.is_final) - offset
             ref = max(self.partner.settled_at(pid), self.last_restart, p.created_at - offset)
-            assert final_at <= ref + SLACK, (pid, final_at, ref, p.audit)
+            assert final_at <= ref + self.slack, (pid, final_at, ref, p.audit)
 
     def _clock_offset(self) -> float:
         async def offset() -> float:
@@ -342,3 +354,19 @@ PayoutLifecycle.TestCase.settings = settings(
 )
 TestPayoutLifecycle = PayoutLifecycle.TestCase
 TestPayoutLifecycle = pytest.mark.timeout(900)(TestPayoutLifecycle)
+
+
+class IdempotentPartnerLifecycle(PayoutLifecycle):
+    """The same rules and invariants against a partner that honours idempotency keys."""
+
+    keys = IdempotencyKeys(retention=86_400.0)
+    # Re-sends of one key that the partner dropped reach it again (each is a fresh request
+    # under the same key, never a second transfer: double_payments would say so).
+    max_reached = POLICY.max_submit_attempts * (1 + POLICY.max_resends)
+    # Each re-send can take the partner's 504 (30 s) or our read timeout plus its backoff.
+    slack = SLACK + POLICY.max_resends * (POLICY.read_timeout + POLICY.resend_backoff_max + 60)
+
+
+IdempotentPartnerLifecycle.TestCase.settings = PayoutLifecycle.TestCase.settings
+TestIdempotentPartnerLifecycle = IdempotentPartnerLifecycle.TestCase
+TestIdempotentPartnerLifecycle = pytest.mark.timeout(900)(TestIdempotentPartnerLifecycle)

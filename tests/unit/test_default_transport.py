@@ -40,7 +40,7 @@ from resilient_payout._model import (
 )
 from resilient_payout._policy import Policy
 from resilient_payout.notify import HttpNotifier
-from resilient_payout.partner import HttpPartner
+from resilient_payout.partner import HttpPartner, SubmitAttempt
 
 pytestmark = pytest.mark.anyio
 
@@ -273,7 +273,9 @@ async def test_submit_200_completed_is_accepted_and_sends_the_exact_request(
 ) -> None:
     server.script(reply(json_answer(200, record())))
 
-    assert await partner.submit("p1", HOOK) == Accepted(PartnerStatus.COMPLETED)
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Accepted(
+        PartnerStatus.COMPLETED
+    )
 
     [request] = server.requests
     assert (request.method, request.target, request.version) == ("POST", "/transaction", "HTTP/1.1")
@@ -289,7 +291,9 @@ async def test_submit_200_garbage_body_is_uncertain(
 ) -> None:
     server.script(reply(http(200, b"<html>oops</html>")))
 
-    assert await partner.submit("p1", HOOK) == Uncertain("HTTP 200 with garbage body: not JSON")
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Uncertain(
+        "HTTP 200 with garbage body: not JSON"
+    )
 
 
 async def test_submit_200_oversized_body_is_uncertain_and_not_parsed(
@@ -300,13 +304,15 @@ async def test_submit_200_oversized_body_is_uncertain_and_not_parsed(
     assert len(body) > MAX_BODY
     server.script(reply(http(200, body, headers=["Content-Type: application/json"])))
 
-    assert await partner.submit("p1", HOOK) == Uncertain("HTTP 200 with garbage body: too large")
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Uncertain(
+        "HTTP 200 with garbage body: too large"
+    )
 
 
 async def test_submit_504_is_uncertain(server: RawServer, partner: HttpPartner) -> None:
     server.script(reply(http(504, b"Gateway Timeout")))
 
-    assert await partner.submit("p1", HOOK) == Uncertain("HTTP 504")
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Uncertain("HTTP 504")
 
 
 async def test_submit_400_is_refused_with_the_partner_reason(
@@ -314,7 +320,7 @@ async def test_submit_400_is_refused_with_the_partner_reason(
 ) -> None:
     server.script(reply(json_answer(400, {"error": "bad id"})))
 
-    assert await partner.submit("p1", HOOK) == Refused(400, "bad id")
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Refused(400, "bad id")
 
 
 async def test_submit_429_is_rate_limited_with_retry_after(
@@ -322,13 +328,13 @@ async def test_submit_429_is_rate_limited_with_retry_after(
 ) -> None:
     server.script(reply(json_answer(429, {"error": "slow down"}, headers=["Retry-After: 7"])))
 
-    assert await partner.submit("p1", HOOK) == RateLimited(7.0)
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == RateLimited(7.0)
 
 
 async def test_redirect_is_not_followed(server: RawServer, partner: HttpPartner) -> None:
     server.script(reply(http(307, headers=[f"Location: {server.base}/elsewhere"])))
 
-    assert await partner.submit("p1", HOOK) == Uncertain("HTTP 307")
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Uncertain("HTTP 307")
     assert [r.target for r in server.requests] == ["/transaction"]
 
 
@@ -340,8 +346,10 @@ async def test_keep_alive_connection_is_reused_for_sequential_requests(
         reply(json_answer(200, record("p2", "pending"))),
     )
 
-    assert await partner.submit("p1", HOOK) == Accepted(PartnerStatus.COMPLETED)
-    assert await partner.submit("p2", HOOK) == Accepted(PartnerStatus.PENDING)
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Accepted(
+        PartnerStatus.COMPLETED
+    )
+    assert await partner.submit(SubmitAttempt.first("p2", HOOK)) == Accepted(PartnerStatus.PENDING)
 
     assert [r.json()["id"] for r in server.requests] == ["p1", "p2"]
     assert [r.connection for r in server.requests] == [1, 1]
@@ -353,7 +361,7 @@ async def test_keep_alive_connection_is_reused_for_sequential_requests(
 
 async def test_submit_to_refused_port_is_not_sent(refused_base: str) -> None:
     async with HttpPartner(refused_base, policy=SHORT) as partner:
-        outcome = await partner.submit("p1", HOOK)
+        outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(outcome, NotSent)
     assert outcome.reason.startswith("ClientConnectorError: Cannot connect to host 127.0.0.1")
@@ -369,7 +377,7 @@ async def test_submit_to_refused_port_is_not_sent(refused_base: str) -> None:
 )
 async def test_submit_to_unusable_url_is_not_sent(base: str, error: str) -> None:
     async with HttpPartner(base, policy=SHORT) as partner:
-        outcome = await partner.submit("p1", HOOK)
+        outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(outcome, NotSent)
     assert outcome.reason.startswith(error)
@@ -382,10 +390,10 @@ async def test_pool_wait_timeout_is_not_sent_and_never_reaches_the_server(
     async with HttpPartner(server.base, policy=policy) as partner:
         partner._own = AiohttpClient(max_connections=1)  # the original was never opened
         server.script(server.hang())
-        first = asyncio.create_task(partner.submit("p1", HOOK))
+        first = asyncio.create_task(partner.submit(SubmitAttempt.first("p1", HOOK)))
         await server.wait_for_requests(1)
 
-        second = await partner.submit("p2", HOOK)
+        second = await partner.submit(SubmitAttempt.first("p2", HOOK))
 
         assert isinstance(second, NotSent)
         assert second.reason.startswith("ConnectionTimeoutError")
@@ -399,10 +407,12 @@ async def test_pool_wait_timeout_is_not_sent_and_never_reaches_the_server(
 async def test_submit_after_aclose_is_not_sent(server: RawServer) -> None:
     server.script(reply(json_answer(200, record())))
     partner = HttpPartner(server.base, policy=SHORT)
-    assert await partner.submit("p1", HOOK) == Accepted(PartnerStatus.COMPLETED)
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Accepted(
+        PartnerStatus.COMPLETED
+    )
     await partner.aclose()
 
-    assert await partner.submit("p2", HOOK) == NotSent("client is closed")
+    assert await partner.submit(SubmitAttempt.first("p2", HOOK)) == NotSent("client is closed")
     assert len(server.requests) == 1
 
 
@@ -410,7 +420,7 @@ async def test_submit_after_aclose_of_a_never_used_partner_is_not_sent(server: R
     partner = HttpPartner(server.base, policy=SHORT)
     await partner.aclose()
 
-    assert await partner.submit("p1", HOOK) == NotSent("client is closed")
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == NotSent("client is closed")
     assert server.connections == 0
 
 
@@ -423,7 +433,7 @@ async def test_close_after_reading_the_request_is_uncertain_and_not_resent(
     # Were the POST re-sent (aiohttp does that for idempotent methods), the second would succeed.
     server.script(close(), reply(json_answer(200, record())))
 
-    outcome = await partner.submit("p1", HOOK)
+    outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(outcome, Uncertain)
     assert outcome.reason.startswith("ServerDisconnectedError")
@@ -436,7 +446,7 @@ async def test_close_right_after_accept_is_uncertain(
     # The client cannot tell this from a close after the request was read: it was written.
     server.close_on_accept = True
 
-    outcome = await partner.submit("p1", HOOK)
+    outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(outcome, Uncertain)
     assert server.connections == 1
@@ -447,7 +457,7 @@ async def test_read_timeout_before_the_answer_is_uncertain(
 ) -> None:
     server.script(server.hang())
 
-    outcome = await partner.submit("p1", HOOK)
+    outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(outcome, Uncertain)
     assert outcome.reason.startswith("SocketTimeoutError")
@@ -459,7 +469,7 @@ async def test_read_timeout_in_the_middle_of_the_body_is_uncertain(
 ) -> None:
     server.script(server.hang(first=http(200, b'{"id": "p1"', length=100)))
 
-    outcome = await partner.submit("p1", HOOK)
+    outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(outcome, Uncertain)
     assert outcome.reason.startswith("SocketTimeoutError")
@@ -479,7 +489,7 @@ async def test_malformed_answer_is_uncertain(
 ) -> None:
     server.script(reply(raw, close=True))
 
-    outcome = await partner.submit("p1", HOOK)
+    outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(outcome, Uncertain)
     assert not outcome.reason.startswith("HTTP ")  # a transport error, not a classified status
@@ -507,7 +517,7 @@ async def test_partner_bytes_in_a_transport_reason_are_cleaned(
 
     async with HttpPartner("http://partner.test") as p:
         monkeypatch.setattr(p._own, "request", failing)
-        outcome = await p.submit("p1", HOOK)
+        outcome = await p.submit(SubmitAttempt.first("p1", HOOK))
         check = await p.check("p1")
 
     assert isinstance(outcome, Uncertain)
@@ -521,7 +531,7 @@ async def test_partner_bytes_in_a_transport_reason_are_cleaned(
 async def test_truncated_body_is_uncertain(server: RawServer, partner: HttpPartner) -> None:
     server.script(reply(http(200, b'{"id": "p1", "st', length=100), close=True))
 
-    outcome = await partner.submit("p1", HOOK)
+    outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(outcome, Uncertain)
     assert outcome.reason.startswith("ClientPayloadError")

@@ -26,6 +26,7 @@ from resilient_payout import (
     PayoutStatus,
     Policy,
     RateLimited,
+    SubmitAttempt,
     SubmitOutcome,
     Uncertain,
 )
@@ -193,17 +194,17 @@ class _RetryAfterOnce(FakePartner):
     submit_429: bool = True
     check_429: bool = True
 
-    async def submit(self, payout_id: str, webhook_url: str) -> SubmitOutcome:
+    async def submit(self, attempt: SubmitAttempt) -> SubmitOutcome:
         if self.submit_429:
             self.submit_429 = False
             return RateLimited(retry_after=31_536_000.0)  # a year
-        return await super().submit(payout_id, webhook_url)
+        return await super().submit(attempt)
 
-    async def check(self, payout_id: str) -> CheckOutcome:
+    async def check(self, payout_id: str, partner_ref: str | None = None) -> CheckOutcome:
         if self.check_429:
             self.check_429 = False
             return RateLimited(retry_after=float("inf"))
-        return await super().check(payout_id)
+        return await super().check(payout_id, partner_ref)
 
 
 async def test_a_huge_retry_after_on_submit_is_capped() -> None:
@@ -261,10 +262,12 @@ async def test_a_404_for_an_acknowledged_transfer_never_fails_it() -> None:
 class _RacingPartner:
     """504 on every POST; every check takes 20 s and then reports ``declined``."""
 
-    async def submit(self, payout_id: str, webhook_url: str) -> SubmitOutcome:
+    idempotency = None
+
+    async def submit(self, attempt: SubmitAttempt) -> SubmitOutcome:
         return Uncertain("HTTP 504")
 
-    async def check(self, payout_id: str) -> CheckOutcome:
+    async def check(self, payout_id: str, partner_ref: str | None = None) -> CheckOutcome:
         await anyio.sleep(20)
         return Found(PartnerStatus.DECLINED)
 
@@ -294,14 +297,16 @@ async def test_an_on_conflict_hook_that_raises_during_a_check_does_not_stop_the_
 
 
 class _RaisingPartner:
+    idempotency = None
+
     def __init__(self) -> None:
         self.posts = 0
 
-    async def submit(self, payout_id: str, webhook_url: str) -> SubmitOutcome:
+    async def submit(self, attempt: SubmitAttempt) -> SubmitOutcome:
         self.posts += 1
         raise RuntimeError("adapter bug after the request left")
 
-    async def check(self, payout_id: str) -> CheckOutcome:
+    async def check(self, payout_id: str, partner_ref: str | None = None) -> CheckOutcome:
         raise RuntimeError("adapter bug")
 
 

@@ -26,7 +26,15 @@ from resilient_payout._model import (
     Uncertain,
 )
 from resilient_payout._policy import Policy
-from resilient_payout.partner import HttpPartner, Partner
+from resilient_payout.partner import (
+    HttpPartner,
+    IdempotencyKeys,
+    Partner,
+    PartnerRecord,
+    PartnerRequest,
+    StatusWords,
+    SubmitAttempt,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -56,7 +64,7 @@ async def test_submit_200_with_vocabulary_status_is_accepted(
 ) -> None:
     route = respx_mock.post(SUBMIT_URL).respond(200, json=record(status=status.value))
 
-    assert await partner.submit("p1", HOOK) == Accepted(status)
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Accepted(status)
     request = route.calls.last.request
     assert request.method == "POST"
     assert json.loads(request.content) == {"id": "p1", "webhookUrl": HOOK}
@@ -70,7 +78,7 @@ async def test_trailing_slash_in_base_url_is_ignored(respx_mock: respx.MockRoute
     route = respx_mock.post(SUBMIT_URL).respond(200, json=record())
     async with httpx.AsyncClient() as client:
         p = HttpPartner(BASE + "/", client=client)
-        assert await p.submit("p1", HOOK) == Accepted(PartnerStatus.COMPLETED)
+        assert await p.submit(SubmitAttempt.first("p1", HOOK)) == Accepted(PartnerStatus.COMPLETED)
     assert route.calls.last.request.url.path == "/transaction"
 
 
@@ -96,7 +104,7 @@ async def test_submit_200_with_garbage_body_is_uncertain(
 ) -> None:
     respx_mock.post(SUBMIT_URL).respond(200, content=body)
 
-    outcome = await partner.submit("p1", HOOK)
+    outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(outcome, Uncertain)
     assert "garbage body" in outcome.reason
@@ -109,7 +117,7 @@ async def test_submit_200_for_another_id_is_uncertain(
     # The partner answered, but not about our transfer: we cannot tell what happened to ours.
     respx_mock.post(SUBMIT_URL).respond(200, json=record(pid="someone-else"))
 
-    outcome = await partner.submit("p1", HOOK)
+    outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert outcome == Uncertain("HTTP 200 with garbage body: id does not match the request")
 
@@ -120,7 +128,9 @@ async def test_submit_200_with_oversized_body_is_uncertain(
     big = record(padding="x" * 100_000)
     respx_mock.post(SUBMIT_URL).respond(200, json=big)
 
-    assert await partner.submit("p1", HOOK) == Uncertain("HTTP 200 with garbage body: too large")
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Uncertain(
+        "HTTP 200 with garbage body: too large"
+    )
 
 
 async def test_submit_answer_status_outside_vocabulary_is_truncated_in_reason(
@@ -128,7 +138,7 @@ async def test_submit_answer_status_outside_vocabulary_is_truncated_in_reason(
 ) -> None:
     respx_mock.post(SUBMIT_URL).respond(200, json=record(status="s" * 500))
 
-    outcome = await partner.submit("p1", HOOK)
+    outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(outcome, Uncertain)
     assert len(outcome.reason) < 120
@@ -143,7 +153,9 @@ async def test_submit_client_errors_are_refused_with_reason(
 ) -> None:
     respx_mock.post(SUBMIT_URL).respond(code, json={"error": "webhookUrl is invalid"})
 
-    assert await partner.submit("p1", HOOK) == Refused(code, "webhookUrl is invalid")
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Refused(
+        code, "webhookUrl is invalid"
+    )
 
 
 @pytest.mark.parametrize(
@@ -162,7 +174,7 @@ async def test_refused_reason_is_taken_from_json_body(
         400, content=json.dumps(body, separators=(",", ":")).encode()
     )
 
-    assert await partner.submit("p1", HOOK) == Refused(400, reason)
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Refused(400, reason)
 
 
 async def test_refused_reason_from_text_body_is_truncated_to_200_chars(
@@ -170,7 +182,7 @@ async def test_refused_reason_from_text_body_is_truncated_to_200_chars(
 ) -> None:
     respx_mock.post(SUBMIT_URL).respond(422, text="E" * 5000)
 
-    outcome = await partner.submit("p1", HOOK)
+    outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert outcome == Refused(422, "E" * 200)
 
@@ -180,7 +192,7 @@ async def test_refused_with_empty_body_names_the_status(
 ) -> None:
     respx_mock.post(SUBMIT_URL).respond(403)
 
-    assert await partner.submit("p1", HOOK) == Refused(403, "HTTP 403")
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Refused(403, "HTTP 403")
 
 
 # --- submit: 429 and Retry-After -------------------------------------------------------------
@@ -228,7 +240,7 @@ async def test_submit_429_is_rate_limited_with_retry_after(
 ) -> None:
     respx_mock.post(SUBMIT_URL).respond(429, headers=headers)
 
-    assert await partner.submit("p1", HOOK) == RateLimited(expected)
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == RateLimited(expected)
 
 
 async def test_retry_after_http_date_without_date_header_uses_our_clock(
@@ -237,7 +249,7 @@ async def test_retry_after_http_date_without_date_header_uses_our_clock(
     later = datetime.now(UTC) + timedelta(seconds=90)
     respx_mock.post(SUBMIT_URL).respond(429, headers={"Retry-After": http_date(later)})
 
-    outcome = await partner.submit("p1", HOOK)
+    outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(outcome, RateLimited)
     assert outcome.retry_after is not None
@@ -285,7 +297,7 @@ async def test_submit_errors_are_not_sent_before_sending_and_uncertain_after(
 ) -> None:
     respx_mock.post(SUBMIT_URL).mock(side_effect=exc)
 
-    result = await partner.submit("p1", HOOK)
+    result = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert isinstance(result, outcome)
     assert result.reason.startswith(type(exc).__name__)
@@ -297,7 +309,9 @@ async def test_submit_to_a_closed_port_is_not_sent() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     async with httpx.AsyncClient() as client:
-        outcome = await HttpPartner(f"http://127.0.0.1:{port}", client=client).submit("p1", HOOK)
+        outcome = await HttpPartner(f"http://127.0.0.1:{port}", client=client).submit(
+            SubmitAttempt.first("p1", HOOK)
+        )
     assert isinstance(outcome, NotSent)
     assert outcome.reason.startswith("ConnectError")
 
@@ -311,7 +325,7 @@ async def test_submit_other_statuses_are_uncertain(
 ) -> None:
     respx_mock.post(SUBMIT_URL).respond(code, json=record())
 
-    assert await partner.submit("p1", HOOK) == Uncertain(f"HTTP {code}")
+    assert await partner.submit(SubmitAttempt.first("p1", HOOK)) == Uncertain(f"HTTP {code}")
 
 
 async def test_submit_unexpected_exception_is_uncertain_and_logged(
@@ -320,7 +334,7 @@ async def test_submit_unexpected_exception_is_uncertain_and_logged(
     respx_mock.post(SUBMIT_URL).mock(side_effect=RuntimeError("app blew up"))
 
     with caplog.at_level(logging.ERROR, logger="resilient_payout.partner"):
-        outcome = await partner.submit("p1", HOOK)
+        outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert outcome == Uncertain("unexpected RuntimeError: app blew up")
     assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
@@ -332,7 +346,7 @@ async def test_logs_hold_status_and_short_reason_never_the_body(
     respx_mock.post(SUBMIT_URL).respond(200, text="SECRET-BODY " * 50)
 
     with caplog.at_level(logging.DEBUG, logger="resilient_payout.partner"):
-        await partner.submit("p1", HOOK)
+        await partner.submit(SubmitAttempt.first("p1", HOOK))
 
     assert caplog.records
     assert "SECRET-BODY" not in caplog.text
@@ -351,7 +365,7 @@ async def test_timeouts_are_passed_per_request_to_an_injected_client(
     get = respx_mock.get(f"{BASE}/transaction/p1").respond(200, json=record())
     async with httpx.AsyncClient(timeout=99.0) as client:
         p = HttpPartner(BASE, client=client, policy=POLICY)
-        await p.submit("p1", HOOK)
+        await p.submit(SubmitAttempt.first("p1", HOOK))
         await p.check("p1")
 
     assert post.calls.last.request.extensions["timeout"] == {
@@ -377,7 +391,7 @@ async def test_a_redirect_is_never_followed_even_by_an_injected_client(
     elsewhere = respx_mock.post(f"{BASE}/elsewhere").respond(200, json=record())
     async with httpx.AsyncClient(follow_redirects=True) as client:
         p = HttpPartner(BASE, client=client)
-        assert await p.submit("p1", HOOK) == Uncertain("HTTP 307")
+        assert await p.submit(SubmitAttempt.first("p1", HOOK)) == Uncertain("HTTP 307")
     assert elsewhere.call_count == 0
 
 
@@ -392,7 +406,7 @@ async def test_owned_pool_is_aiohttp_opened_lazily_and_closed_by_aclose() -> Non
 
     assert own.is_closed
     # A closed partner fails before sending anything: safe to retry elsewhere, never a raise.
-    outcome = await p.submit("p1", HOOK)
+    outcome = await p.submit(SubmitAttempt.first("p1", HOOK))
     assert isinstance(outcome, NotSent)
     assert "closed" in outcome.reason
     assert isinstance(await p.check("p1"), CheckFailed)
@@ -429,7 +443,7 @@ async def test_works_over_asgi_transport() -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport) as client:
         p = HttpPartner("http://partner", client=client)
-        assert await p.submit("p1", HOOK) == Accepted(PartnerStatus.PENDING)
+        assert await p.submit(SubmitAttempt.first("p1", HOOK)) == Accepted(PartnerStatus.PENDING)
     assert seen == [{"id": "p1", "webhookUrl": HOOK}]
 
 
@@ -560,3 +574,109 @@ async def test_check_unexpected_exception_fails_and_is_logged(
 
     assert outcome == CheckFailed("unexpected KeyError: 'boom'")
     assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+
+
+# --- codecs ---------------------------------------------------------------------------------
+
+
+class _RefCodec:
+    """A partner with its own reference, its own words, keys in a header and a checks path."""
+
+    idempotency = IdempotencyKeys(retention=3600.0, header="Idempotency-Key")
+    words = StatusWords(completed=frozenset({"SUCCESS"}), declined=frozenset({"FAILED"}))
+
+    def submit_request(self, attempt: SubmitAttempt) -> PartnerRequest:
+        if attempt.request.get("amount") == "boom":
+            raise ValueError("cannot encode the amount")
+        body = {"ref": attempt.payout_id, "amount": attempt.request.get("amount")}
+        return PartnerRequest("POST", "/v1/pay", body, {"Idempotency-Key": attempt.idempotency_key})
+
+    def check_request(self, payout_id: str, partner_ref: str | None) -> PartnerRequest:
+        return PartnerRequest("GET", f"/v1/pay/{partner_ref}")
+
+    def read_record(self, data: Any, payout_id: str, partner_ref: str | None) -> PartnerRecord:
+        if not isinstance(data, dict) or "pid" not in data:
+            raise ValueError("no pid in the answer")
+        return PartnerRecord(self.words.read(data.get("state")), data["pid"])
+
+
+@pytest.fixture
+async def ref_partner() -> Any:
+    async with httpx.AsyncClient() as client:
+        yield HttpPartner(BASE, client=client, codec=_RefCodec())
+
+
+async def test_a_codec_shapes_the_request_and_reads_words_and_reference(
+    ref_partner: HttpPartner, respx_mock: respx.MockRouter
+) -> None:
+    route = respx_mock.post(f"{BASE}/v1/pay").respond(200, json={"pid": "PB-1", "state": "SUCCESS"})
+    attempt = SubmitAttempt.first("p1", HOOK, {"id": "p1", "amount": 1250})
+
+    assert await ref_partner.submit(attempt) == Accepted(PartnerStatus.COMPLETED, "PB-1")
+    sent = route.calls.last.request
+    assert json.loads(sent.content) == {"ref": "p1", "amount": 1250}
+    assert sent.headers["idempotency-key"] == attempt.idempotency_key
+    assert ref_partner.idempotency == _RefCodec.idempotency
+
+
+async def test_a_word_not_listed_as_final_is_pending(
+    ref_partner: HttpPartner, respx_mock: respx.MockRouter
+) -> None:
+    respx_mock.get(f"{BASE}/v1/pay/PB-1").respond(200, json={"pid": "PB-1", "state": "QUEUED"})
+    assert await ref_partner.check("p1", "PB-1") == Found(PartnerStatus.PENDING, "PB-1")
+
+
+async def test_an_answer_the_codec_cannot_read_is_garbage_never_a_status(
+    ref_partner: HttpPartner, respx_mock: respx.MockRouter
+) -> None:
+    respx_mock.post(f"{BASE}/v1/pay").respond(200, json={"state": "SUCCESS"})
+    respx_mock.get(f"{BASE}/v1/pay/PB-1").respond(200, json={"pid": 7, "state": "SUCCESS"})
+    outcome = await ref_partner.submit(SubmitAttempt.first("p1", HOOK))
+    assert outcome == Uncertain("HTTP 200 with garbage body: no pid in the answer")
+    check = await ref_partner.check("p1", "PB-1")
+    assert check == CheckFailed(
+        "HTTP 200 with garbage body: partner reference is not a string of 1-200 characters"
+    )
+
+
+async def test_a_409_from_a_partner_with_keys_is_in_progress_with_its_retry_after(
+    ref_partner: HttpPartner, respx_mock: respx.MockRouter
+) -> None:
+    respx_mock.post(f"{BASE}/v1/pay").respond(409, headers={"Retry-After": "7"})
+    outcome = await ref_partner.submit(SubmitAttempt.first("p1", HOOK))
+    assert isinstance(outcome, Uncertain)
+    assert outcome.retry_after == 7.0
+    assert "in progress" in outcome.reason
+
+
+async def test_a_request_the_codec_refuses_to_encode_is_refused_and_never_sent(
+    ref_partner: HttpPartner, respx_mock: respx.MockRouter
+) -> None:
+    route = respx_mock.post(f"{BASE}/v1/pay").respond(200, json={"pid": "PB-1", "state": "SUCCESS"})
+    outcome = await ref_partner.submit(SubmitAttempt.first("p1", HOOK, {"amount": "boom"}))
+    assert outcome == Refused(0, "request not encodable: ValueError: cannot encode the amount")
+    assert not route.called
+
+
+async def test_a_codec_that_crashes_otherwise_is_uncertain_and_logged(
+    respx_mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(_RefCodec):
+        def submit_request(self, attempt: SubmitAttempt) -> PartnerRequest:
+            raise KeyError("amount")
+
+    async with httpx.AsyncClient() as client:
+        partner = HttpPartner(BASE, client=client, codec=Broken())
+        with caplog.at_level(logging.ERROR, logger="resilient_payout.partner"):
+            outcome = await partner.submit(SubmitAttempt.first("p1", HOOK))
+    # Conservative: an adapter bug must never lead to a new attempt.
+    assert isinstance(outcome, Uncertain)
+    assert "p1" in caplog.text
+
+
+async def test_a_refusal_to_encode_a_resend_is_uncertain_an_earlier_send_may_have_landed(
+    ref_partner: HttpPartner,
+) -> None:
+    first = SubmitAttempt.first("p1", HOOK, {"amount": "boom"})
+    resend = SubmitAttempt("p1", 1, first.request, HOOK, first.idempotency_key, send=2)
+    assert isinstance(await ref_partner.submit(resend), Uncertain)

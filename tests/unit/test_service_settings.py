@@ -41,12 +41,21 @@ def test_every_variable_is_read() -> None:
         "RP_MAX_WEBHOOK_BODY": "8192",
         "RP_ID_FORMAT": "uuid",
         "RP_EXTRA_FIELDS": "forbid",
+        "RP_ROUTE_PREFIX": "/payouts",
+        "RP_TRANSACTION_PATH": "/transfers",
+        "RP_WEBHOOK_PATH": "/hooks",
+        "RP_HEALTH_PATH": "/live",
+        "RP_READY_PATH": "/ready",
+        "RP_METRICS_PATH": "off",
+        "RP_PUSH_PATH": "/outcomes",
+        "RP_EXPOSE_PARTNER_REF": "true",
+        "RP_ADMIN_TOKEN": "an-admin-token-0123456789",
     }
     assert set(env) == set(ENV_VARS)
     s = ServiceSettings.from_env(env)
     assert s.partner_url == "https://partner.example:8443/api"
-    assert s.webhook_url == "http://10.0.0.5:3200/webhook"
-    assert s.push_url == "http://app:3100/transaction"
+    assert s.webhook_url == "http://10.0.0.5:3200/payouts/hooks"
+    assert s.push_url == "http://app:3100/outcomes"
     assert (s.budget_url, s.budget_key, s.webhook_tolerance) == (
         "redis://127.0.0.1:6379/0",
         "k",

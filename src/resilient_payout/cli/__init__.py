@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from .._errors import MissingExtra
 from .._version import __version__
-from . import demo, mock_partner, reconciliation, serve, simulate, soak
+from . import demo, mock_partner, payouts, reconciliation, serve, simulate, soak
 from ._common import (
     DEFAULT_CLIENT_PORT,
     DEFAULT_PARTNER_PORT,
@@ -23,6 +24,8 @@ from ._common import (
     EXIT_OK,
     EXIT_SETUP,
     EXIT_TERMINATED,
+    as_missing_extra,
+    error,
 )
 from ._procs import LOOPBACK
 from .mock_partner import partner_config
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (serve, mock_partner, simulate, demo, reconciliation, soak):
+    for command in (serve, payouts, mock_partner, simulate, demo, reconciliation, soak):
         command.add_parser(sub)
     return parser
 
@@ -73,3 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(ns)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:  # an optional dependency: one line, not a traceback
+        missing = as_missing_extra(ns.command, exc)
+        if missing is exc:
+            raise
+        error(str(missing))
+        return EXIT_SETUP
+    except MissingExtra as exc:
+        error(str(exc))
+        return EXIT_SETUP

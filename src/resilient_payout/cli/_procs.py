@@ -47,12 +47,14 @@ __all__ = [
     "start",
     "stop",
     "stop_procs",
+    "supervise",
     "tune_gc",
     "wait_ready",
     "wait_url",
 ]
 
 LOOPBACK = "127.0.0.1"
+"""Where the commands' child processes listen by default: this machine only."""
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5
 LOG_TAIL_LINES = 15
@@ -324,6 +326,34 @@ def restore_signals(previous: Handlers) -> None:
     """Put back the handlers :func:`install_stop_signals` returned."""
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+def supervise(console: Console, body: Callable[[list[Child]], int], logs: Callable[[], str]) -> int:
+    """``body(children)`` with SIGTERM/SIGHUP raising :class:`Terminated`; whatever happens,
+    every child ``body`` appended is stopped and ``logs()`` says where their logs are.
+
+    Stopping is bounded (terminate, then kill after a timeout) and runs with the signals
+    ignored: a second Ctrl-C must not cut it short and leave the children running.
+    """
+    from ._common import EXIT_INTERRUPTED, EXIT_TERMINATED
+
+    children: list[Child] = []
+    previous = install_stop_signals()
+    try:
+        return body(children)
+    except Terminated:
+        console.print("[red]demo: terminated; stopping[/]")
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        console.print("[red]demo: interrupted; stopping[/]")
+        return EXIT_INTERRUPTED
+    finally:
+        ignore_signals(previous)
+        try:
+            stop(children, console)
+        finally:
+            restore_signals(previous)
+        console.print(f"logs: {logs()}")
 
 
 # -- server processes -----------------------------------------------------------------------

@@ -20,11 +20,9 @@ from ._common import (
     DEFAULT_CLIENT_PORT,
     DEFAULT_PARTNER_PORT,
     DEFAULT_SERVICE_PORT,
-    EXIT_INTERRUPTED,
     EXIT_NOT_OK,
     EXIT_OK,
     EXIT_SETUP,
-    EXIT_TERMINATED,
     error,
     positive,
     tcp_port,
@@ -32,19 +30,16 @@ from ._common import (
 from ._procs import (
     LOOPBACK,
     Child,
-    Terminated,
     environ,
     free_ports,
-    ignore_signals,
-    install_stop_signals,
     no_proxy_for_loopback,
     port_free,
     prepare_logs,
-    restore_signals,
     spawn,
-    stop,
+    supervise,
     wait_ready,
 )
+from .serve import storage_problem
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -100,6 +95,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=("flat", "nested"),
         default="flat",
         help="shape of the service's pushes, enforced by the app (default: %(default)s)",
+    )
+    add(
+        "--partner",
+        choices=("mock", "example-b"),
+        default="mock",
+        help="mock: the mock partner; example-b: examples/partner_b, another partner's fake and "
+        "adapter (needs a checkout of the repository; default: %(default)s)",
     )
     _add_ports(p)
     add(
@@ -310,6 +312,8 @@ def run(ns: argparse.Namespace) -> int:
     """The demo's exit status (see the subcommand's description)."""
     from rich.console import Console
 
+    if ns.partner == "example-b":
+        return _example_b(ns)
     started = time.monotonic()
     console = Console(highlight=False)
     seed = ns.seed if ns.seed is not None else random.SystemRandom().randrange(1_000_000)
@@ -327,20 +331,39 @@ def run(ns: argparse.Namespace) -> int:
     except OSError as exc:
         error(f"demo: cannot prepare {ns.workdir}: {exc}")
         return EXIT_SETUP
+    problem = storage_problem(r.storage)  # one line now, not a child's traceback later
+    if problem is not None:
+        error(f"demo: {problem}")
+        return EXIT_SETUP
     _announce(r)
     return _supervise(r, _environment(r))
+
+
+def _example_b(ns: argparse.Namespace) -> int:
+    """The same flow with examples/partner_b's fake and adapter (its ``demo.run``); the examples
+    are not installed, so they are imported from the checkout this package runs from."""
+    import importlib
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    if not (root / "examples" / "partner_b" / "demo.py").is_file():
+        error(f"demo: --partner example-b needs a checkout (no examples/partner_b in {root})")
+        return EXIT_SETUP
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    code: int = importlib.import_module("examples.partner_b.demo").run(ns)
+    return code
 
 
 def _supervise(r: _Run, env: dict[str, str]) -> int:
     """Start the children, play the app, grade; stop the children whatever happens."""
     ns, console = r.ns, r.console
-    children: list[Child] = []
-    previous = install_stop_signals()
-    try:
+
+    def body(children: list[Child]) -> int:
         # One instance listens on --service-port; several listen on free ports behind the router.
         ports = [ns.service_port] if ns.instances == 1 else free_ports(ns.instances)
         for name, args, log, ready_url in _commands(r, ports):
-            # Appended at once: from here on, the finally below stops the child whatever happens.
+            # Appended at once: from here on, supervise() stops the child whatever happens.
             children.append(spawn(name, args, log, ready_url, env))
         if not wait_ready(children, console):
             return EXIT_SETUP
@@ -352,21 +375,10 @@ def _supervise(r: _Run, env: dict[str, str]) -> int:
         if report is None:
             return EXIT_SETUP
         return _finish(report, children, ns.json_path, r.started, console)
-    except Terminated:
-        console.print("[red]demo: terminated; stopping[/]")
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        console.print("[red]demo: interrupted; stopping[/]")
-        return EXIT_INTERRUPTED
-    finally:
-        # Stopping is bounded (terminate, then kill after a timeout): a second Ctrl-C must not
-        # cut it short and leave the children running.
-        ignore_signals(previous)
-        try:
-            stop(children, console)
-        finally:
-            restore_signals(previous)
-        console.print(f"logs: {r.partner_log}, {', '.join(map(str, r.service_logs))}")
+
+    return supervise(
+        console, body, lambda: f"{r.partner_log}, {', '.join(map(str, r.service_logs))}"
+    )
 
 
 def _simulate(

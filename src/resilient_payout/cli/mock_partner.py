@@ -37,7 +37,7 @@ def _partner_fields() -> list[dataclasses.Field[Any]]:
         f
         for f in dataclasses.fields(MockPartnerConfig)
         # The secret comes from RP_PARTNER_WEBHOOK_SECRET, never argv (which `ps` shows).
-        if f.name not in ("seed", "time_scale", "webhook_secret")
+        if f.name not in ("seed", "time_scale", "webhook_secret", "honor_idempotency_key")
     ]
 
 
@@ -54,6 +54,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add("--seed", type=_seed, default=0, help="int or str; same seed, same outcomes")
     add("--time-scale", type=positive, default=1.0, metavar="S", help="multiplies every duration")
     add("--log-level", choices=LOG_LEVELS, default="info")
+    add(
+        "--honor-idempotency-key",
+        action="store_true",
+        help="honour a POST's Idempotency-Key (the exercise's partner does not)",
+    )
     behaviour = p.add_argument_group(
         "behaviour", "MockPartnerConfig fields; durations in unscaled seconds"
     )
@@ -77,7 +82,13 @@ def partner_config(ns: argparse.Namespace) -> MockPartnerConfig:
     given = {f.name: getattr(ns, f.name) for f in _partner_fields()}
     knobs = {name: value for name, value in given.items() if value is not None}
     secret = os.environ.get("RP_PARTNER_WEBHOOK_SECRET", "").strip() or None
-    return MockPartnerConfig(seed=ns.seed, time_scale=ns.time_scale, webhook_secret=secret, **knobs)
+    return MockPartnerConfig(
+        seed=ns.seed,
+        time_scale=ns.time_scale,
+        webhook_secret=secret,
+        honor_idempotency_key=ns.honor_idempotency_key,
+        **knobs,
+    )
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -1,18 +1,27 @@
-"""``resilient-payout serve``: the example service (FastAPI on uvicorn)."""
+"""``resilient-payout serve``: the example service (FastAPI on uvicorn).
+
+Settings come from :mod:`resilient_payout.settings` and the storage is opened once with
+:func:`resilient_payout.wiring.open_storage` before uvicorn starts, so that bad settings, a
+missing extra or a storage that cannot open are one line on stderr and exit status 2, never a
+traceback from the lifespan.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .._errors import StorageError
+from ..settings import ServiceSettings
 from ..testing._server import listen
 from ._common import (
     EXIT_NOT_OK,
     EXIT_OK,
     EXIT_SETUP,
     LOG_LEVELS,
+    as_missing_extra,
     error,
     missing_extra,
     positive,
@@ -20,10 +29,7 @@ from ._common import (
 )
 from ._procs import STOP_TIMEOUT_S, bind_problem, tune_gc
 
-if TYPE_CHECKING:
-    from ..fastapi import ServiceSettings
-
-__all__ = ["SERVE_ENV", "add_parser", "run", "serve_settings"]
+__all__ = ["SERVE_ENV", "add_parser", "run", "serve_settings", "storage_problem"]
 
 SERVE_ENV = {
     "host": "RP_HOST",
@@ -80,8 +86,6 @@ def serve_settings(
 ) -> ServiceSettings:
     """The ``ServiceSettings`` for ``serve`` options: ``environ`` (default ``os.environ``) with
     each flag given replacing its variable. ``ValueError`` if invalid."""
-    from ..fastapi import ServiceSettings
-
     # Flags are read as their variables, so from_env() stays the one place that parses settings.
     env = dict(os.environ if environ is None else environ)
     for dest, var in SERVE_ENV.items():
@@ -96,14 +100,20 @@ def run(ns: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..fastapi import create_app
+        from ..service import create_app
     except ImportError as exc:
-        return missing_extra("serve", exc, ns)
+        return missing_extra("serve", exc, ns, extra="server")
     try:
         settings = serve_settings(ns)
         app = create_app(settings)
-    except ValueError as exc:  # pydantic's ValidationError included
+    except ImportError as exc:  # a storage URL whose driver is not installed
+        return missing_extra("serve", exc, ns, extra=None)
+    except ValueError as exc:  # pydantic's ValidationError and MissingExtra included
         error(f"serve: {exc}")
+        return EXIT_SETUP
+    problem = storage_problem(settings.storage_url)
+    if problem is not None:
+        error(f"serve: {problem}")
         return EXIT_SETUP
     host, port = str(settings.host), int(settings.port)
     try:
@@ -128,6 +138,29 @@ def run(ns: argparse.Namespace) -> int:
         error("serve: the service failed to start (see the log above)")
         return EXIT_NOT_OK
     return EXIT_OK
+
+
+def storage_problem(url: str) -> str | None:
+    """Why the storage at ``url`` cannot open (one line, never a password), or None: opened
+    and closed again, so that the service's lifespan finds it ready."""
+    if url.lower().startswith("memory:"):
+        return None
+    import anyio
+
+    from ..storage import storage_from_url
+    from ..wiring import open_storage
+
+    async def probe() -> None:
+        storage = await open_storage(storage_from_url(url), url)
+        await storage.close()
+
+    try:
+        anyio.run(probe)
+    except StorageError as exc:
+        return str(exc)
+    except ImportError as exc:  # a storage driver that is not installed
+        return str(as_missing_extra("serve", exc, None))
+    return None
 
 
 def _log_config(level: str) -> dict[str, Any]:

@@ -1,24 +1,4 @@
-"""The partner seam: the :class:`Partner` protocol and its HTTP implementation.
-
-A partner call never raises for partner behaviour: every answer, error and non-answer is
-classified into a typed outcome, because each one is an ordinary lifecycle event:
-
-==============================================  ===================================
-what happened                                   outcome
-==============================================  ===================================
-200 with ``completed``/``declined``/``pending``   ``Accepted(status)``
-400 / 401 / 403 / 422                           ``Refused(http_status, reason)``
-429                                             ``RateLimited(retry_after)``
-connection refused, DNS failure (before send)   ``NotSent(reason)``
-504, 5xx, read timeout, reset after sending,    ``Uncertain(reason)``
-garbage body, any other status
-==============================================  ===================================
-
-Status checks: 200 -> ``Found(status)``, 404 with an empty or JSON body -> ``NotFound()`` (a 404
-page in HTML or text is a gateway's, not the partner's: ``CheckFailed``), 429 -> ``RateLimited``,
-anything else -> ``CheckFailed(reason)``. A ``Retry-After`` is passed on as given; the client
-caps it at ``Policy.max_retry_after``.
-"""
+"""HttpPartner: the partner over HTTP, every answer classified as the package table says."""
 
 from __future__ import annotations
 
@@ -28,29 +8,30 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from typing import Any, Final, Protocol, runtime_checkable
-from urllib.parse import quote
+from typing import Final
 
 import httpx
 
-from ._closing import AsyncClosing
-from ._http import MAX_BODY, AiohttpClient, Answer, TransportError, clean_text, describe_error
-from ._model import (
+from .._closing import AsyncClosing
+from .._http import MAX_BODY, AiohttpClient, Answer, TransportError, clean_text, describe_error
+from .._model import (
     Accepted,
     CheckFailed,
     CheckOutcome,
     Found,
+    IdempotencyKeys,
     NotFound,
     NotSent,
-    PartnerStatus,
     RateLimited,
     Refused,
+    SubmitAttempt,
     SubmitOutcome,
     Uncertain,
 )
-from ._policy import Policy
+from .._policy import Policy
+from ._codec import ExerciseCodec, PartnerCodec, PartnerRecord, PartnerRequest
 
-__all__ = ["HttpPartner", "Partner"]
+__all__ = ["HttpPartner"]
 
 # Thousands of slow calls in flight (answers take up to 10 s, 504s 30 s): at 200 new payouts/s
 # that is 2,000 open POSTs. Beyond it, calls wait for a connection up to connect_timeout and then
@@ -60,6 +41,7 @@ _MAX_CONNECTIONS = 2048
 log = logging.getLogger("resilient_payout.partner")
 
 _MAX_REASON: Final = 200
+_MAX_REF: Final = 200
 _REFUSED: Final = frozenset({400, 401, 403, 422})
 _DELAY_SECONDS: Final = re.compile(r"\d+(\.\d+)?")
 _REASON_KEYS: Final = ("error", "message", "detail", "reason", "title")
@@ -80,19 +62,6 @@ _NOT_SENT_ERRORS: Final = (
 _SENT_ERRORS: Final = (httpx.RequestError,)
 
 
-@runtime_checkable
-class Partner(Protocol):
-    """What the client needs from a payment partner."""
-
-    async def submit(self, payout_id: str, webhook_url: str) -> SubmitOutcome:
-        """POST the transfer. Must not raise for anything the partner or network does."""
-        ...
-
-    async def check(self, payout_id: str) -> CheckOutcome:
-        """Ask the partner for the transfer's status. Must not raise either."""
-        ...
-
-
 class HttpPartner(AsyncClosing):
     """The partner over HTTP, classifying every answer as the module table says.
 
@@ -102,6 +71,10 @@ class HttpPartner(AsyncClosing):
     (ASGI apps in tests, mocks, proxies, client certificates) that client is used as it is and
     never closed here. Timeouts come from the policy per request either way, and redirects are
     never followed.
+
+    ``codec`` speaks the partner's dialect (request bodies, headers, status words, where its
+    reference is); by default :class:`~resilient_payout.partner.ExerciseCodec`. Its
+    ``idempotency`` is this partner's.
     """
 
     def __init__(
@@ -110,7 +83,9 @@ class HttpPartner(AsyncClosing):
         *,
         client: httpx.AsyncClient | None = None,
         policy: Policy | None = None,
+        codec: PartnerCodec | None = None,
     ) -> None:
+        self.codec: PartnerCodec = codec if codec is not None else ExerciseCodec()
         self._policy = policy if policy is not None else Policy()
         self._base = base_url.rstrip("/")
         policy = self._policy
@@ -139,36 +114,57 @@ class HttpPartner(AsyncClosing):
         if self._own is not None:
             await self._own.aclose()
 
-    async def submit(self, payout_id: str, webhook_url: str) -> SubmitOutcome:
-        """POST ``{base}/transaction`` and classify the result; never raises for the partner."""
-        url = f"{self._base}/transaction"
-        payload = {"id": payout_id, "webhookUrl": webhook_url}
+    @property
+    def idempotency(self) -> IdempotencyKeys | None:
+        """Whether the partner's POST honours an idempotency key (the codec's declaration)."""
+        return self.codec.idempotency
+
+    async def submit(self, attempt: SubmitAttempt) -> SubmitOutcome:
+        """POST the codec's request and classify the result; never raises for the partner."""
+        payout_id = attempt.payout_id
         try:
-            answer = await self._exchange("POST", url, payload, self._submit_timeout)
+            request = self.codec.submit_request(attempt)
+        except ValueError as exc:
+            # The codec says this request cannot be made (an amount the partner cannot take):
+            # nothing left this process, and sending it again would fail the same way. On a
+            # re-send an earlier send may have landed, so that is no proof: uncertain.
+            reason = f"request not encodable: {_reason(exc)}"
+            outcome: SubmitOutcome = Refused(0, reason) if attempt.send == 1 else Uncertain(reason)
+            _log_outcome("submit", payout_id, outcome)
+            return outcome
+        except Exception as exc:
+            # A codec bug: nothing was sent, but a bug must never lead to a new attempt either.
+            log.error("submit %s: the codec raised %s", payout_id, type(exc).__name__,
+                      exc_info=True)  # fmt: skip
+            return Uncertain(f"codec raised {_reason(exc)}")
+        try:
+            answer = await self._exchange(request, self._submit_timeout)
         except TransportError as exc:
             # The reason may quote the partner's bytes (a malformed status line): cleaned, as
             # it goes to logs and the audit trail.
             reason = clean_text(exc.reason)[:_MAX_REASON]
-            outcome: SubmitOutcome = Uncertain(reason) if exc.sent else NotSent(reason)
+            outcome = Uncertain(reason) if exc.sent else NotSent(reason)
         except _NOT_SENT_ERRORS as exc:
             outcome = NotSent(_reason(exc))
         except _SENT_ERRORS as exc:
             outcome = Uncertain(_reason(exc))
         except Exception as exc:
-            # Not a transport error (e.g. an ASGI app raising through ASGITransport): we cannot
-            # know whether the partner saw the request, so it must not be re-POSTed blindly.
+            # Not a transport error (e.g. an ASGI app raising through ASGITransport, or a codec
+            # failing): we cannot know whether the partner saw the request, so it must not be
+            # re-POSTed blindly.
             log.error("submit %s: unexpected %s", payout_id, type(exc).__name__, exc_info=True)
             outcome = Uncertain(f"unexpected {_reason(exc)}")
         else:
-            outcome = _classify_submit(payout_id, answer)
+            outcome = self._classify_submit(attempt, answer)
         _log_outcome("submit", payout_id, outcome)
         return outcome
 
-    async def check(self, payout_id: str) -> CheckOutcome:
-        """GET ``{base}/transaction/{id}`` and classify the result; never raises for the partner."""
-        url = f"{self._base}/transaction/{quote(payout_id, safe='')}"
+    async def check(self, payout_id: str, partner_ref: str | None = None) -> CheckOutcome:
+        """GET the codec's status request and classify the result; never raises for the
+        partner."""
         try:
-            answer = await self._exchange("GET", url, None, self._check_timeout)
+            request = self.codec.check_request(payout_id, partner_ref)
+            answer = await self._exchange(request, self._check_timeout)
         except TransportError as exc:
             outcome: CheckOutcome = CheckFailed(clean_text(exc.reason)[:_MAX_REASON])
         except _NOT_SENT_ERRORS + _SENT_ERRORS as exc:
@@ -177,17 +173,13 @@ class HttpPartner(AsyncClosing):
             log.error("check %s: unexpected %s", payout_id, type(exc).__name__, exc_info=True)
             outcome = CheckFailed(f"unexpected {_reason(exc)}")
         else:
-            outcome = _classify_check(payout_id, answer)
+            outcome = self._classify_check(payout_id, partner_ref, answer)
         _log_outcome("check", payout_id, outcome)
         return outcome
 
-    async def _exchange(
-        self,
-        method: str,
-        url: str,
-        payload: dict[str, Any] | None,
-        timeouts: httpx.Timeout,
-    ) -> Answer:
+    async def _exchange(self, request: PartnerRequest, timeouts: httpx.Timeout) -> Answer:
+        url = self._base + request.path
+        method, payload, headers = request.method, request.json, dict(request.headers)
         if self._own is not None:
             assert timeouts.connect is not None
             assert timeouts.read is not None
@@ -195,6 +187,7 @@ class HttpPartner(AsyncClosing):
                 method,
                 url,
                 payload,
+                headers=headers,
                 connect_timeout=timeouts.connect,
                 read_timeout=timeouts.read,
                 # sock_read bounds each read, not the exchange: a partner trickling bytes must
@@ -204,10 +197,58 @@ class HttpPartner(AsyncClosing):
         assert self._client is not None
         # A redirect of the POST could re-send it elsewhere; the partner never redirects.
         async with self._client.stream(
-            method, url, json=payload, timeout=timeouts, follow_redirects=False
+            method, url, json=payload, headers=headers, timeout=timeouts, follow_redirects=False
         ) as response:
             body = await _read_capped(response)
             return Answer(response.status_code, response.headers, body)
+
+    def _classify_submit(self, attempt: SubmitAttempt, answer: Answer) -> SubmitOutcome:
+        code = answer.status_code
+        if code == 200:
+            record = self._record(attempt.payout_id, None, answer.body)
+            if isinstance(record, PartnerRecord):
+                return Accepted(record.status, record.partner_ref)
+            return Uncertain(f"HTTP 200 with garbage body: {record}")
+        if code in _REFUSED:
+            return Refused(code, _refusal_reason(code, answer.body))
+        if code == 429:
+            return RateLimited(_parse_retry_after(answer.headers))
+        if code == 409 and self.codec.idempotency is not None:
+            # The key's first request is still being processed: ask again later, same key.
+            retry_after = _parse_retry_after(answer.headers)
+            return Uncertain("HTTP 409: a request with this idempotency key is in progress",
+                             retry_after)  # fmt: skip
+        return Uncertain(f"HTTP {code}")
+
+    def _classify_check(
+        self, payout_id: str, partner_ref: str | None, answer: Answer
+    ) -> CheckOutcome:
+        code = answer.status_code
+        if code == 200:
+            record = self._record(payout_id, partner_ref, answer.body)
+            if isinstance(record, PartnerRecord):
+                return Found(record.status, record.partner_ref)
+            return CheckFailed(f"HTTP 200 with garbage body: {record}")
+        return _classify_check_error(answer)
+
+    def _record(
+        self, payout_id: str, partner_ref: str | None, body: bytes | None
+    ) -> PartnerRecord | str:
+        """The partner's record, or a short description of what is wrong with the body."""
+        if body is None:
+            return "too large"
+        try:
+            data = json.loads(body)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+            return "not JSON"
+        try:
+            record = self.codec.read_record(data, payout_id, partner_ref)
+        except (ValueError, TypeError, KeyError) as exc:
+            return clean_text(str(exc))[:_MAX_REASON] or type(exc).__name__
+        ref = record.partner_ref
+        if ref is not None and not (isinstance(ref, str) and 0 < len(ref) <= _MAX_REF):
+            return "partner reference is not a string of 1-200 characters"
+        return record
 
 
 async def _read_capped(response: httpx.Response) -> bytes | None:
@@ -219,28 +260,8 @@ async def _read_capped(response: httpx.Response) -> bytes | None:
     return bytes(buf)
 
 
-def _classify_submit(payout_id: str, answer: Answer) -> SubmitOutcome:
+def _classify_check_error(answer: Answer) -> CheckOutcome:
     code = answer.status_code
-    if code == 200:
-        status = _parse_record(payout_id, answer.body)
-        # PartnerStatus is a StrEnum, so test for it rather than for the str error description.
-        if isinstance(status, PartnerStatus):
-            return Accepted(status)
-        return Uncertain(f"HTTP 200 with garbage body: {status}")
-    if code in _REFUSED:
-        return Refused(code, _refusal_reason(code, answer.body))
-    if code == 429:
-        return RateLimited(_parse_retry_after(answer.headers))
-    return Uncertain(f"HTTP {code}")
-
-
-def _classify_check(payout_id: str, answer: Answer) -> CheckOutcome:
-    code = answer.status_code
-    if code == 200:
-        status = _parse_record(payout_id, answer.body)
-        if isinstance(status, PartnerStatus):
-            return Found(status)
-        return CheckFailed(f"HTTP 200 with garbage body: {status}")
     if code == 404:
         if _partner_404(answer.body):
             return NotFound()
@@ -263,27 +284,6 @@ def _partner_404(body: bytes | None) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _parse_record(payout_id: str, body: bytes | None) -> PartnerStatus | str:
-    """The record's status, or a short description of what is wrong with the body."""
-    if body is None:
-        return "too large"
-    try:
-        data = json.loads(body)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        return "not JSON"
-    if not isinstance(data, dict):
-        return "not a JSON object"
-    if data.get("id") != payout_id:
-        return "id does not match the request"
-    status = data.get("status")
-    if not isinstance(status, str):
-        return "status missing or not a string"
-    try:
-        return PartnerStatus(status)
-    except ValueError:
-        return f"status {clean_text(status)[:32]!r} outside the partner vocabulary"
 
 
 def _refusal_reason(code: int, body: bytes | None) -> str:

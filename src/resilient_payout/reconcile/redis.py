@@ -12,11 +12,15 @@ import math
 from typing import Final
 
 import anyio
-import redis.asyncio as aioredis
 
 from .._closing import AsyncClosing
 from .._errors import StorageUnavailable
-from ..storage.redis import _UNAVAILABLE, _client, _translated
+from .._extras import needs_extra
+
+with needs_extra("redis", "RedisCheckBudget (RP_BUDGET_URL)"):
+    import redis.asyncio as aioredis
+
+    from ..storage.redis import _UNAVAILABLE, _client, _translated
 
 __all__ = ["RedisCheckBudget"]
 

@@ -1,28 +1,22 @@
-"""The service app: settings, client wiring, middleware, problem handlers, metrics and routes."""
+"""The whole service app, composed of the parts a host app can use alone: a
+:class:`~._service.PayoutService` (router + lifespan), request metrics and problem handlers."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 
-from .._client import PayoutClient
 from .._version import __version__
-from ..settings import NoWebhookSecret, ServiceSettings
-from ..webhooks import UnsignedWebhooks
-from ..wiring import ClientFactory, open_client
-from .metrics import Metrics, RequestMetrics
-from .middleware import BodyLimit
+from ..settings import ServiceSettings
+from ..wiring import ClientFactory
+from ._service import PayoutService
+from .metrics import RequestMetrics
 from .problems import add_problem_handlers, use_problem_json
-from .routes import build_router
 
 __all__ = ["create_app"]
-
-# Named as before the package split: logging configs refer to it.
-log = logging.getLogger("resilient_payout.fastapi")
 
 
 class _ServiceApp(FastAPI):
@@ -35,71 +29,52 @@ class _ServiceApp(FastAPI):
 
 
 def create_app(
-    settings: ServiceSettings | None = None, *, client_factory: ClientFactory | None = None
+    settings: ServiceSettings | None = None,
+    *,
+    client_factory: ClientFactory | None = None,
+    service: PayoutService | None = None,
 ) -> FastAPI:
     """The service app. ``settings`` defaults to :meth:`ServiceSettings.from_env`.
 
     The lifespan enters ``client_factory(settings)`` (by default :func:`open_client`) and leaves
-    it on shutdown; while it runs, the client is ``app.state.payout_client``. Each app has its own
-    Prometheus registry (``app.state.metrics_registry``).
+    it on shutdown; while it runs, the client is ``app.state.payout_client``. The routes sit
+    under ``settings.route_prefix``. Each app has its own Prometheus registry
+    (``app.state.metrics_registry``); ``app.state.payout_service`` is the
+    :class:`PayoutService` it is made of (pass ``service`` to build the app around yours).
+    With ``settings.admin_token`` (``RP_ADMIN_TOKEN``) the admin API and ops page are served
+    under ``/admin`` (docs/operations.md).
     """
-    settings = ServiceSettings.from_env() if settings is None else settings
-    metrics = Metrics()
+    if service is None:
+        service = PayoutService(settings, client_factory=client_factory)
+    elif settings is not None or client_factory is not None:
+        raise TypeError("create_app: pass either service or settings/client_factory, not both")
+    settings = service.settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with service.lifespan(app):
+            app.state.payout_client = service.client
+            try:
+                yield
+            finally:
+                app.state.payout_client = None
+
     app = _ServiceApp(
         title="resilient-payout service",
         version=__version__,
         description="The mobile app contract over a resilient_payout PayoutClient.",
-        lifespan=_lifespan(settings, client_factory or open_client, metrics),
+        lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.payout_service = service
     app.state.payout_client = None
-    app.state.metrics_registry = metrics.registry
-    app.add_middleware(
-        BodyLimit,
-        limits={
-            "/transaction": settings.max_transaction_body,
-            "/webhook": settings.max_webhook_body,
-        },
-    )
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it times the 413s too
+    app.state.metrics_registry = service.metrics.registry
+    app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: it times 413s too
     add_problem_handlers(app)
-    app.include_router(build_router(settings, metrics))
+    app.include_router(service.router, prefix=settings.route_prefix)
+    if settings.admin_token is not None:
+        # Its own paths (/admin/...), never under the app-facing routes; off without a token.
+        from .admin import admin_router
+
+        app.include_router(admin_router(service.get_client, settings))
     return app
-
-
-def _lifespan(
-    settings: ServiceSettings, factory: ClientFactory, metrics: Metrics
-) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with factory(settings) as client:
-            app.state.payout_client = metrics.client = client
-            _log_start(settings, client)
-            try:
-                yield
-            finally:
-                app.state.payout_client = metrics.client = None
-
-    return lifespan
-
-
-def _log_start(settings: ServiceSettings, client: PayoutClient) -> None:
-    if client.webhook_verifier is None or isinstance(client.webhook_verifier, UnsignedWebhooks):
-        log.warning("webhooks are accepted UNSIGNED: anyone reaching %s can settle "
-                    "payouts; set RP_WEBHOOK_SECRETS", settings.webhook_url)  # fmt: skip
-    elif isinstance(client.webhook_verifier, NoWebhookSecret):
-        log.warning("every webhook is rejected (no RP_WEBHOOK_SECRETS); payouts settle "
-                    "by status checks only")  # fmt: skip
-    log.info(
-        "payout service up: partner %s, webhooks at %s, pushes to %s (%s), storage %s, "
-        "time scale %g, check budget %s",
-        settings.partner_url,
-        settings.webhook_url,
-        settings.push_url,
-        settings.push_body,
-        settings.storage_url.split(":", 1)[0],
-        settings.time_scale,
-        f"shared at {settings.budget_url.split(':', 1)[0]} key {settings.budget_key}"
-        if settings.budget_url
-        else "per process",
-    )

@@ -1,5 +1,9 @@
 """What routes take from a request: the running client (a dependency), size-capped bodies, the
-exact ``POST /transaction`` body and the ``Prefer: wait`` preference."""
+exact ``POST /transaction`` body and the ``Prefer: wait`` preference.
+
+Body limits live here, in each route's own dependency, not in a middleware matching paths: they
+hold wherever the router is included or mounted, and no parser ever sees an oversized body (the
+routes declare no body FastAPI would read itself)."""
 
 from __future__ import annotations
 
@@ -7,36 +11,45 @@ import json
 import math
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from .._client import PayoutClient
-from .._errors import ClientNotRunning
 from .._model import PayoutRequest
 from .problems import ProblemRaised
 
 __all__ = [
-    "RunningClient",
+    "capped_body",
+    "client_dependency",
     "parse_transaction",
     "prefer_wait",
     "read_capped",
-    "running_client",
     "transaction_body",
 ]
 
 
-async def running_client(request: Request) -> PayoutClient:
-    """The app's client (``app.state.payout_client``, set by the lifespan), or a 503."""
-    client: PayoutClient | None = request.app.state.payout_client
-    if client is None:
-        raise ClientNotRunning("the payout client is not running")
-    return client
+def client_dependency(
+    get_client: Callable[[], PayoutClient],
+) -> Callable[[], Awaitable[PayoutClient]]:
+    """A dependency: ``get_client()``, which raises
+    :class:`~resilient_payout.ClientNotRunning` (a 503) while the client is not running."""
+
+    async def running_client() -> PayoutClient:  # async: FastAPI runs sync ones in a thread
+        return get_client()
+
+    return running_client
 
 
-RunningClient = Annotated[PayoutClient, Depends(running_client)]
+def capped_body(limit: int) -> Callable[[Request], Awaitable[bytes]]:
+    """A dependency: the raw body, or a 413 once it is over ``limit`` bytes."""
+
+    async def body(request: Request) -> bytes:
+        return await read_capped(request, limit)
+
+    return body
 
 
 def transaction_body(limit: int) -> Callable[[Request], Awaitable[PayoutRequest]]:
@@ -50,16 +63,21 @@ def transaction_body(limit: int) -> Callable[[Request], Awaitable[PayoutRequest]
 
 
 async def read_capped(request: Request, limit: int) -> bytes:
-    """The body, or a 413 once it is over ``limit`` bytes (declared or streamed)."""
+    """The body, or a 413 once it is over ``limit`` bytes (declared or streamed: reading stops
+    at the first byte over, so an oversized body is never held in memory)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ProblemRaised(413, "body-too-large", "Body too large", f"over {limit} bytes")
+        raise _too_large(limit)
     buf = bytearray()
     async for chunk in request.stream():
         buf += chunk
         if len(buf) > limit:
-            raise ProblemRaised(413, "body-too-large", "Body too large", f"over {limit} bytes")
+            raise _too_large(limit)
     return bytes(buf)
+
+
+def _too_large(limit: int) -> ProblemRaised:
+    return ProblemRaised(413, "body-too-large", "Body too large", f"the body is over {limit} bytes")
 
 
 class _NonFiniteConstant(Exception):

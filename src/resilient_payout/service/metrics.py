@@ -16,6 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._client import PayoutClient
 from .._errors import StorageError
 from .._model import PayoutStatus
+from .._ops import OUTBOX_FAILING_AFTER
+from ..storage import OpsSnapshot
 
 __all__ = ["Metrics", "RequestMetrics"]
 
@@ -70,6 +72,7 @@ class _ClientCollector(Collector):
         self.client: PayoutClient | None = None
         self.by_status: Mapping[PayoutStatus, int] | None = None
         self.dead_outbox: int | None = None
+        self.ops: OpsSnapshot | None = None
 
     def describe(self) -> Iterable[Metric]:
         return ()  # registering must not trigger a collect (the client may not exist yet)
@@ -109,6 +112,26 @@ class _ClientCollector(Collector):
             )
             dead.add_metric([], float(self.dead_outbox))
             yield dead
+        if self.ops is not None:
+            yield from _ops_gauges(self.ops)
+
+
+def _ops_gauges(ops: OpsSnapshot) -> Iterable[Metric]:
+    """The alert figures (docs/operations.md). ``conflicted_payouts``, not ``conflicts``: that
+    name is the counter of conflicting reports (``resilient_payout_conflicts_total``)."""
+    for name, help_text, value in (
+        ("oldest_open_seconds", "Age of the oldest non-final payout (0: none open)",
+         ops.oldest_open_age or 0.0),
+        ("open_past_window", "Non-final payouts whose attempt is past the late-arrival window",
+         ops.open_past_window),
+        ("conflicted_payouts", "Payouts whose audit trail records a conflicting report",
+         ops.conflicts),
+        ("outbox_failing", "Pushes not acknowledged, with a failed round, older than "
+         "OUTBOX_FAILING_AFTER (600 s)", ops.outbox_failing),
+    ):  # fmt: skip
+        gauge = GaugeMetricFamily(f"resilient_payout_{name}", help_text)
+        gauge.add_metric([], float(value))
+        yield gauge
 
 
 class Metrics:
@@ -146,15 +169,22 @@ class Metrics:
         client = self._collector.client
         by_status: Mapping[PayoutStatus, int] | None = None
         dead: int | None = None
+        ops: OpsSnapshot | None = None
         if client is not None:
             try:
                 by_status = await client.storage.count_by_status()
-                dead = await client.storage.count_dead_outbox()
+                ops = await client.storage.ops_snapshot(
+                    client.clock.now(),
+                    late_after=client.policy.late_arrival_window,
+                    failing_after=OUTBOX_FAILING_AFTER,
+                )
+                dead = ops.outbox_dead
             except StorageError as exc:
                 log.warning("metrics: counting payouts failed: %s", exc)
         # No await between setting and rendering: concurrent scrapes cannot mix their counts.
         self._collector.by_status = by_status
         self._collector.dead_outbox = dead
+        self._collector.ops = ops
         return generate_latest(self.registry)
 
 

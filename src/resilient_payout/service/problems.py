@@ -19,6 +19,7 @@ from .._errors import (
     IdempotencyConflict,
     InvalidRequest,
     InvalidWebhook,
+    PayoutAlreadyFinal,
     PayoutError,
     StorageError,
     StorageUnavailable,
@@ -32,6 +33,7 @@ __all__ = [
     "ProblemRaised",
     "add_problem_handlers",
     "problem_docs",
+    "problem_for",
     "problem_response",
     "use_problem_json",
 ]
@@ -56,6 +58,7 @@ _ERRORS: Final[tuple[tuple[type[PayoutError], int, str, str], ...]] = (
     (InvalidRequest, 422, "invalid-request", "Invalid request"),
     (IdempotencyConflict, 409, "idempotency-conflict", "Same id, different request"),
     (UnknownPayout, 404, "unknown-payout", "Unknown payout"),
+    (PayoutAlreadyFinal, 409, "payout-already-final", "Payout already final"),
     (InvalidWebhook, 422, "invalid-webhook", "Invalid webhook"),
     (WebhookRejected, 401, "webhook-rejected", "Webhook rejected"),
     (StorageUnavailable, 503, "storage-unavailable", "Storage unavailable"),
@@ -84,11 +87,25 @@ _RETRY_AFTER_DOC: Final = {
 }
 
 
+_PROBLEM_CONTENT: Final = {
+    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+}
+
+
 def problem_docs(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI ``responses`` entries of these error statuses."""
+    """The OpenAPI ``responses`` entries of these error statuses.
+
+    ``model`` registers the ``Problem`` schema (FastAPI then also lists it as
+    ``application/json``, which :func:`use_problem_json` folds away in our own app); the
+    explicit ``application/problem+json`` entry documents it in any host app too.
+    """
     out: dict[int | str, dict[str, Any]] = {}
     for code in codes:
-        out[code] = {"model": Problem, "description": _DESCRIPTIONS[code]}
+        out[code] = {
+            "model": Problem,
+            "description": _DESCRIPTIONS[code],
+            "content": dict(_PROBLEM_CONTENT),
+        }
         if code == 503:
             out[code]["headers"] = _RETRY_AFTER_DOC
     return out
@@ -193,6 +210,20 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     log.error("unexpected %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
     return problem_response(request, 500, slug=None, title=None, detail="internal error")
+
+
+async def problem_for(request: Request, exc: Exception) -> Response | None:
+    """The problem answer to one of our errors, a route problem, an HTTP or validation error;
+    None for anything else (a bug: the host app's own error handling must see it)."""
+    if isinstance(exc, PayoutError):
+        return await _on_payout_error(request, exc)
+    if isinstance(exc, ProblemRaised):
+        return await _on_raised(request, exc)
+    if isinstance(exc, StarletteHTTPException):
+        return await _on_http_error(request, exc)
+    if isinstance(exc, RequestValidationError):
+        return await _on_validation_error(request, exc)
+    return None
 
 
 def add_problem_handlers(app: FastAPI) -> None:

@@ -1,4 +1,5 @@
-"""The service's routes, each a thin call into the client:
+"""The service's routes, each a thin call into the client (paths are settings, shown with
+their defaults):
 
 =============================  ====================================================================
 route                          what it does
@@ -7,44 +8,65 @@ route                          what it does
                                ``Prefer: wait=N`` holds the answer up to N s for a final status
 ``GET /transaction/{id}``      the payout's app-facing status; ``?wait=N`` long-polls
 ``POST /webhook``              the partner's webhook (never creates a payout)
-``GET /healthz``               ``{"status": "ok"}``, 503 while the client is not running
+``GET /healthz``               liveness: ``{"status": "ok"}``, 503 while the client is not running
+``GET /readyz``                readiness: 200 only while the client runs and storage answers
 ``GET /metrics``               Prometheus text format
 =============================  ====================================================================
 
 The app sees ``pending`` for every non-final status, else ``completed``, ``declined`` or
-``failed``.
+``failed``. Every route is a :class:`~._route.ProblemRoute`: its errors are problem+json in
+any app.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at runtime,
 # and the transaction body's dependency is a local (its limit comes from the settings).
 import re
-from typing import Annotated, Final
+from collections.abc import Callable
+from typing import Annotated, Any, Final
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .._errors import InvalidRequest, InvalidWebhook
+from .._client import PayoutClient
+from .._errors import ClientNotRunning, InvalidRequest, InvalidWebhook, StorageError
 from .._model import PayoutRequest
 from ..settings import ServiceSettings
-from .deps import RunningClient, prefer_wait, read_capped, running_client, transaction_body
+from ._route import ProblemRoute
+from .deps import capped_body, client_dependency, prefer_wait, transaction_body
 from .metrics import Metrics
 from .problems import ProblemRaised, problem_docs
-from .schemas import Health, PartnerWebhook, TransactionStatus, view
+from .schemas import Health, PartnerWebhook, Readiness, TransactionStatus, view
 
-__all__ = ["build_router"]
+__all__ = ["READY_TIMEOUT", "build_router"]
 
 _UUID_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
+READY_TIMEOUT: Final = 2.0
+"""Seconds the readiness probe waits for storage to answer its one-row read."""
+_PROBE_ID: Final = "readyz-probe"
+"""The id the readiness probe reads: a primary-key lookup, the cheapest query of every backend
+(whether such a payout exists does not matter)."""
 
-def build_router(settings: ServiceSettings, metrics: Metrics) -> APIRouter:
-    """The routes, with the limits of ``settings``; ``/metrics`` renders ``metrics``."""
-    router = APIRouter()
-    _add_submit(router, settings)
-    _add_get(router, settings)
-    _add_webhook(router, settings)
-    _add_health(router)
-    _add_metrics(router, metrics)
+GetClient = Callable[[], PayoutClient]
+
+
+def build_router(settings: ServiceSettings, metrics: Metrics, get_client: GetClient) -> APIRouter:
+    """The routes at the paths and with the limits of ``settings`` (``route_prefix`` is left to
+    whoever includes the router); ``get_client()`` is the running client or raises
+    :class:`~resilient_payout.ClientNotRunning`; the metrics route renders ``metrics``."""
+    router = APIRouter(route_class=ProblemRoute)
+    client_dep = Depends(client_dependency(get_client))
+    _add_submit(router, settings, client_dep)
+    _add_get(router, settings, get_client)
+    _add_webhook(router, settings, client_dep)
+    if settings.health_path:
+        _add_health(router, settings.health_path, client_dep)
+    if settings.ready_path:
+        _add_ready(router, settings.ready_path, get_client)
+    if settings.metrics_path:
+        _add_metrics(router, settings.metrics_path, metrics)
     return router
 
 
@@ -64,13 +86,14 @@ def _check_policy(body: PayoutRequest, settings: ServiceSettings) -> None:
         )
 
 
-def _add_submit(router: APIRouter, settings: ServiceSettings) -> None:
+def _add_submit(router: APIRouter, settings: ServiceSettings, client_dep: Any) -> None:
     max_wait = settings.max_wait
     body_dep = Depends(transaction_body(settings.max_transaction_body))
 
     @router.post(
-        "/transaction",
+        settings.transaction_path,
         response_model=TransactionStatus,
+        response_model_exclude_none=True,
         operation_id="submitTransaction",
         summary="Submit a transfer (idempotent on its id)",
         responses={
@@ -97,7 +120,7 @@ def _add_submit(router: APIRouter, settings: ServiceSettings) -> None:
         response: Response,
         # Before the client's: a bad body is a 4xx even while the client is not running.
         body: Annotated[PayoutRequest, body_dep],
-        client: RunningClient,
+        client: Annotated[PayoutClient, client_dep],
         prefer: str | None = Header(
             default=None,
             alias="Prefer",
@@ -120,10 +143,13 @@ def _add_submit(router: APIRouter, settings: ServiceSettings) -> None:
         return view(payout)
 
 
-def _add_get(router: APIRouter, settings: ServiceSettings) -> None:
+def _add_get(router: APIRouter, settings: ServiceSettings, get_client: GetClient) -> None:
+    expose = settings.expose_partner_ref
+
     @router.get(
-        "/transaction/{payout_id}",
+        settings.transaction_path + "/{payout_id}",
         response_model=TransactionStatus,
+        response_model_exclude_none=True,
         operation_id="getTransaction",
         summary="A payout's status, optionally waiting for a final one",
         responses={
@@ -144,16 +170,19 @@ def _add_get(router: APIRouter, settings: ServiceSettings) -> None:
     ) -> TransactionStatus:
         # Not a dependency: FastAPI runs those before it validates `wait`, and a bad `wait` must
         # stay a 422 while the client is not running.
-        client = await running_client(request)
+        client = get_client()
         if wait:
-            return view(await client.wait_final(payout_id, wait))
-        return view(await client.get(payout_id))
+            return view(await client.wait_final(payout_id, wait), partner_ref=expose)
+        return view(await client.get(payout_id), partner_ref=expose)
 
 
-def _add_webhook(router: APIRouter, settings: ServiceSettings) -> None:
+def _add_webhook(router: APIRouter, settings: ServiceSettings, client_dep: Any) -> None:
+    body_dep = Depends(capped_body(settings.max_webhook_body))
+
     @router.post(
-        "/webhook",
+        settings.webhook_path,
         response_model=TransactionStatus,
+        response_model_exclude_none=True,
         operation_id="partnerWebhook",
         summary="The partner's webhook `{id, status}`",
         responses={
@@ -167,8 +196,12 @@ def _add_webhook(router: APIRouter, settings: ServiceSettings) -> None:
             }
         },
     )
-    async def partner_webhook(request: Request, client: RunningClient) -> TransactionStatus:
-        body = await read_capped(request, settings.max_webhook_body)
+    async def partner_webhook(
+        request: Request,
+        # Before the client's: an oversized body is a 413 even while the client is not running.
+        body: Annotated[bytes, body_dep],
+        client: Annotated[PayoutClient, client_dep],
+    ) -> TransactionStatus:
         try:
             # The client checks authenticity first, over the raw bytes and the headers, and
             # counts rejections: an unsigned sender learns nothing about the body it sent.
@@ -182,22 +215,49 @@ def _add_webhook(router: APIRouter, settings: ServiceSettings) -> None:
         return view(payout)
 
 
-def _add_health(router: APIRouter) -> None:
+def _add_health(router: APIRouter, path: str, client_dep: Any) -> None:
     @router.get(
-        "/healthz",
+        path,
         response_model=Health,
         operation_id="healthz",
         summary="Liveness: the payout client is running",
         responses={200: {"description": "Running"}, **problem_docs(503)},
-        dependencies=[Depends(running_client)],
+        dependencies=[client_dep],
     )
     async def healthz() -> Health:
         return Health()
 
 
-def _add_metrics(router: APIRouter, metrics: Metrics) -> None:
+def _add_ready(router: APIRouter, path: str, get_client: GetClient) -> None:
     @router.get(
-        "/metrics",
+        path,
+        response_model=Readiness,
+        operation_id="readyz",
+        summary="Readiness: the payout client runs and its storage answers",
+        responses={200: {"description": "Ready"}, **problem_docs(503)},
+    )
+    async def readyz() -> Readiness:
+        try:
+            client = get_client()
+        except ClientNotRunning as exc:
+            raise _not_ready(str(exc)) from None
+        try:
+            with anyio.fail_after(READY_TIMEOUT):
+                await client.storage.get(_PROBE_ID)
+        except TimeoutError:
+            raise _not_ready(f"storage did not answer within {READY_TIMEOUT:g} s") from None
+        except StorageError as exc:
+            raise _not_ready(f"storage does not answer: {exc}") from None
+        return Readiness()
+
+
+def _not_ready(detail: str) -> ProblemRaised:
+    return ProblemRaised(503, "not-ready", "Not ready", detail)
+
+
+def _add_metrics(router: APIRouter, path: str, metrics: Metrics) -> None:
+    @router.get(
+        path,
         response_class=Response,
         operation_id="metrics",
         summary="Prometheus metrics",

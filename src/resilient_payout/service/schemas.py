@@ -20,6 +20,7 @@ __all__ = [
     "PartnerWebhook",
     "Problem",
     "ProblemFieldError",
+    "Readiness",
     "TransactionStatus",
     "view",
 ]
@@ -28,6 +29,7 @@ PROBLEM_TYPE_PREFIX: Final = "tag:resilient-payout,2025:problem:"
 """Our problem types are ``PROBLEM_TYPE_PREFIX + slug`` (tag URIs: names, not web pages)."""
 
 AppStatus = Literal["pending", "completed", "declined", "failed"]
+"""A payout's status as the app sees it: ``pending`` until final."""
 _APP_STATUS: Final[Mapping[PayoutStatus, AppStatus]] = {
     PayoutStatus.RECEIVED: "pending",
     PayoutStatus.SUBMITTING: "pending",
@@ -44,15 +46,30 @@ class TransactionStatus(BaseModel):
 
     id: str
     status: AppStatus = Field(description="`pending` until final")
+    partner_ref: str | None = Field(
+        default=None,
+        description="The partner's reference, once known; only with `RP_EXPOSE_PARTNER_REF`",
+    )
 
 
-def view(payout: Payout) -> TransactionStatus:
-    """``payout`` as the app sees it: ``pending`` until final."""
-    return TransactionStatus(id=payout.id, status=_APP_STATUS.get(payout.status, "pending"))
+def view(payout: Payout, *, partner_ref: bool = False) -> TransactionStatus:
+    """``payout`` as the app sees it: ``pending`` until final; with ``partner_ref``, the
+    partner's reference too (when known)."""
+    return TransactionStatus(
+        id=payout.id,
+        status=_APP_STATUS.get(payout.status, "pending"),
+        partner_ref=payout.partner_ref if partner_ref else None,
+    )
 
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """Ready: the payout client runs and its storage answered just now."""
+
+    status: Literal["ready"] = "ready"
 
 
 class ProblemFieldError(BaseModel):

@@ -8,7 +8,14 @@ while an earlier one for the same id was recorded or could still land.
 
 Time can be made hostile: ``send_delay`` holds each POST in transit before the partner sees it,
 ``check_delay`` returns each status check's answer that long after the partner looked, and a
-script's ``flaky_404`` makes the partner answer 404 while its record is still ``pending``.
+script's ``flaky_404`` makes the partner answer 404 for up to ``replica_lag`` seconds after its
+record was written as ``pending`` (a lagging read replica). A lag that outlasts the late-arrival
+window is beyond what any client can tell from absence (docs/concepts.md, "Timing assumptions").
+
+With ``idempotency`` set, the partner honours :attr:`SubmitAttempt.idempotency_key` as Stripe or
+Adyen do: a POST with a key it holds never makes a second transfer; it answers the first
+request's result once there is one, and a 409 ("in progress") while that request may still land.
+A key of a request that never reached its ledger (dropped, not sent, 429) is free again.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ from .._model import (
     Accepted,
     CheckOutcome,
     Found,
+    IdempotencyKeys,
     NotFound,
     NotSent,
     PartnerStatus,
     RateLimited,
     Refused,
+    SubmitAttempt,
     SubmitOutcome,
     Uncertain,
 )
@@ -57,6 +66,9 @@ class Fate(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Script:
+    """How the partner treats one POST: its ``fate``, the final ``status``, and when (clock
+    seconds) it answers, calls back, lands or settles."""
+
     fate: Fate = Fate.ANSWER
     status: PartnerStatus = PartnerStatus.COMPLETED
     answer_delay: float = 1.0
@@ -65,7 +77,7 @@ class Script:
     duplicate_webhook: bool = False
     land_after: float = 60.0
     final_delay: float = 20.0
-    flaky_404: bool = False  # GET answers 404 while the record is pending (a lagging replica)
+    flaky_404: bool = False  # GET answers 404 while the record is young and pending (a replica lag)
 
 
 @dataclass
@@ -73,6 +85,15 @@ class _Post:
     at: float
     script: Script
     may_land_until: float  # the POST can still change the record until then (inf if recorded)
+    key: str = ""
+
+    @property
+    def reached_ledger(self) -> bool:
+        """Whether the partner took this POST on (its key then stands for its transfer)."""
+        return self.script.fate not in _NO_LEDGER
+
+
+_NO_LEDGER = frozenset({"not_sent", "rate_limited", "timeout_drop"})
 
 
 @dataclass
@@ -97,6 +118,11 @@ class FakePartner:
     block_penalty: float = 60.0
     send_delay: float = 0.0
     check_delay: float = 0.0
+    replica_lag: float = 60.0
+    written_at: dict[str, float] = field(default_factory=dict)
+    idempotency: IdempotencyKeys | None = None
+    partner_refs: bool = False
+    """Answers and checks name the partner's own reference (``ref-{id}``)."""
     webhook_sink: WebhookSink | None = None
     records: dict[str, PartnerStatus] = field(default_factory=dict)
     posts: dict[str, list[_Post]] = field(default_factory=lambda: defaultdict(list))
@@ -106,6 +132,8 @@ class FakePartner:
     block_times: list[float] = field(default_factory=list)
     last_event: dict[str, float] = field(default_factory=dict)
     webhooks_sent: int = 0
+    key_replays: int = 0
+    """POSTs answered from a held idempotency key (no new transfer)."""
     landed_at: dict[str, float] = field(default_factory=dict)
     webhooks_failed: list[tuple[str, str]] = field(default_factory=list)
     _recent_checks: deque[float] = field(default_factory=deque)
@@ -141,19 +169,30 @@ class FakePartner:
 
     # -- the Partner protocol ------------------------------------------------------------------
 
-    async def submit(self, payout_id: str, webhook_url: str) -> SubmitOutcome:
+    async def submit(self, attempt: SubmitAttempt) -> SubmitOutcome:
         if self.send_delay > 0:
             await anyio.sleep(self.send_delay)  # in transit: the partner has not seen it yet
+        payout_id, key = attempt.payout_id, attempt.idempotency_key
         now = anyio.current_time()
+        if self.idempotency is not None:
+            held = self._held(payout_id, key, now)
+            if held is not None:
+                self.key_replays += 1
+                return held
         n = len(self.posts[payout_id]) + 1
         script = self._script(payout_id, n)
         self._touch(payout_id)
         if script.fate is Fate.NOT_SENT:
-            self.posts[payout_id].append(_Post(now, script, now))
+            self.posts[payout_id].append(_Post(now, script, now, key))
             return NotSent("connection refused")
-        if any(p.may_land_until > now for p in self.posts[payout_id]):
+        # Under one key the partner makes one transfer at most: only another key can double.
+        same_key_safe = self.idempotency is not None
+        if any(
+            p.may_land_until > now and not (same_key_safe and p.key == key)
+            for p in self.posts[payout_id]
+        ):
             self.double_payments.append(payout_id)
-        post = _Post(now, script, float("inf"))
+        post = _Post(now, script, float("inf"), key)
         self.posts[payout_id].append(post)
         self._touch(payout_id)
         match script.fate:
@@ -164,22 +203,22 @@ class FakePartner:
                 post.may_land_until = now
                 return RateLimited(retry_after=1.0)
             case Fate.ANSWER:
-                self.records[payout_id] = PartnerStatus.PENDING
+                self._pending(payout_id)
                 # The partner's timeline must not depend on the caller: a caller that dies
                 # mid-request does not stop the transfer.
                 self._later(script.answer_delay, self._set, payout_id, script.status)
                 self._later(script.webhook_delay, self._webhook, payout_id, script)
                 await anyio.sleep(script.answer_delay)
-                return Accepted(script.status)
+                return Accepted(script.status, self._ref(payout_id))
             case Fate.PENDING:
-                self.records[payout_id] = PartnerStatus.PENDING
+                self._pending(payout_id)
                 self._later(script.final_delay, self._set, payout_id, script.status)
                 self._later(
                     script.final_delay + script.webhook_delay, self._webhook, payout_id, script
                 )
                 await anyio.sleep(script.answer_delay)
                 self._touch(payout_id)
-                return Accepted(PartnerStatus.PENDING)
+                return Accepted(PartnerStatus.PENDING, self._ref(payout_id))
             case Fate.TIMEOUT_LAND:
                 self._later(script.land_after, self._land, payout_id, script.status)
                 await anyio.sleep(self.timeout_after)
@@ -191,7 +230,7 @@ class FakePartner:
                 await anyio.sleep(self.timeout_after)
                 return Uncertain("HTTP 504")
             case Fate.SLOW | Fate.RESET:
-                self.records[payout_id] = PartnerStatus.PENDING
+                self._pending(payout_id)
                 self._later(script.answer_delay, self._set, payout_id, script.status)
                 self._later(script.webhook_delay, self._webhook, payout_id, script)
                 wait = self.read_timeout if script.fate is Fate.SLOW else script.answer_delay / 2
@@ -199,7 +238,26 @@ class FakePartner:
                 return Uncertain("read timeout" if script.fate is Fate.SLOW else "connection reset")
         raise AssertionError(script)  # pragma: no cover
 
-    async def check(self, payout_id: str) -> CheckOutcome:
+    def _held(self, payout_id: str, key: str, now: float) -> SubmitOutcome | None:
+        """The answer to a POST whose key the partner holds (None: the key is free)."""
+        assert self.idempotency is not None
+        for post in self.posts.get(payout_id, ()):
+            if post.key != key or not post.reached_ledger:
+                continue
+            if now >= post.at + self.idempotency.retention:
+                return None  # forgotten: a second transfer, caught by the double-pay check
+            if post.script.fate is Fate.REFUSED:
+                return Refused(422, "invalid account")
+            status = self.records.get(payout_id)
+            if status is None:
+                return Uncertain("HTTP 409: a request with this key is in progress")
+            return Accepted(status, self._ref(payout_id))
+        return None
+
+    def _ref(self, payout_id: str) -> str | None:
+        return f"ref-{payout_id}" if self.partner_refs else None
+
+    async def check(self, payout_id: str, partner_ref: str | None = None) -> CheckOutcome:
         now = anyio.current_time()
         self.check_times.append(now)
         if now < self._blocked_until:
@@ -213,7 +271,9 @@ class FakePartner:
             self._blocked_until = now + self.block_penalty
             return RateLimited(retry_after=self.block_penalty)
         status = self.records.get(payout_id)
-        outcome: CheckOutcome = NotFound() if status is None else Found(status)
+        outcome: CheckOutcome = (
+            NotFound() if status is None else Found(status, self._ref(payout_id))
+        )
         if status is PartnerStatus.PENDING and self._flaky(payout_id):
             outcome = NotFound()
         if self.check_delay > 0:
@@ -222,7 +282,10 @@ class FakePartner:
 
     def _flaky(self, payout_id: str) -> bool:
         posts = self.posts.get(payout_id)
-        return posts[-1].script.flaky_404 if posts else False
+        if not posts or not posts[-1].script.flaky_404:
+            return False
+        written = self.written_at.get(payout_id)
+        return written is not None and anyio.current_time() - written < self.replica_lag
 
     # -- internals -------------------------------------------------------------------------
 
@@ -251,6 +314,10 @@ class FakePartner:
 
     def _touch(self, payout_id: str) -> None:
         self.last_event[payout_id] = max(self.last_event.get(payout_id, 0.0), anyio.current_time())
+
+    def _pending(self, payout_id: str) -> None:
+        self.records[payout_id] = PartnerStatus.PENDING
+        self.written_at[payout_id] = anyio.current_time()
 
     def _set(self, payout_id: str, status: PartnerStatus) -> None:
         self.records[payout_id] = status

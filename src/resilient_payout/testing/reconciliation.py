@@ -12,6 +12,10 @@ The bound the detection delay is compared with: the budget affords each uncertai
 after a delay uniform in ``[0, span / n]``, so the best p50 is ``span / (2 n)``. (The scheduler
 can beat it: payouts found early stop using checks, leaving more for the rest.)
 
+With ``idempotency_keys`` the partner honours an ``Idempotency-Key`` (as Stripe, Adyen or Wise
+do) and the client re-sends an uncertain POST with the same key instead of waiting out the
+late-arrival window: compare ``time_to_final_after_504_*`` of both runs.
+
 Run it with ``python -m resilient_payout.testing.reconciliation`` (prints figures, writes JSON).
 """
 
@@ -29,7 +33,7 @@ import anyio
 
 from .._client import PayoutClient
 from .._clock import LoopClock
-from .._model import Cause, PayoutStatus
+from .._model import Cause, IdempotencyKeys, PayoutStatus
 from .._policy import Policy
 from ..notify import CallbackNotifier
 from ..storage.memory import MemoryStorage
@@ -55,6 +59,7 @@ class Profile:
     partner_check_window: float = 1.0
     partner_block_penalty: float = 60.0
     seed: int = 1
+    idempotency_keys: bool = False
     policy: Policy = field(default_factory=Policy)
 
 
@@ -87,6 +92,10 @@ class Report:
     resolved_by: dict[str, int]
     confirmed_absences: int
     resubmissions: int
+    resends: int
+    time_to_final_after_504_p50: float
+    time_to_final_after_504_p95: float
+    time_to_final_after_504_max: float
     virtual_seconds: float
     wall_seconds: float
 
@@ -129,6 +138,7 @@ async def simulate(profile: Profile) -> Report:
         check_limit=profile.partner_check_limit,
         check_window=profile.partner_check_window,
         block_penalty=profile.partner_block_penalty,
+        idempotency=IdempotencyKeys() if profile.idempotency_keys else None,
     )
     storage = MemoryStorage()
     notified: dict[str, set[PayoutStatus]] = {}
@@ -164,6 +174,7 @@ async def simulate(profile: Profile) -> Report:
 
     final = correct = zero_checks = zero_checks_certain = certain = 0
     delays: list[float] = []
+    after_504: list[float] = []
     for pid, p in zip(ids, payouts, strict=True):
         assert p is not None
         truth = partner.truth(pid)
@@ -176,6 +187,8 @@ async def simulate(profile: Profile) -> Report:
         certain += is_certain
         zero_checks += not checked
         zero_checks_certain += is_certain and not checked
+        if first_fate.startswith("timeout") and p.is_final:
+            after_504.append(next(a.at for a in p.audit if a.to_status.is_final) - p.created_at)
         if pid in partner.landed_at and p.is_final:
             final_at = next(a.at for a in p.audit if a.to_status.is_final) - offset
             delays.append(max(0.0, final_at - partner.landed_at[pid]))
@@ -213,6 +226,10 @@ async def simulate(profile: Profile) -> Report:
         resolved_by=dict(stats.resolved),
         confirmed_absences=stats.confirmed_absences,
         resubmissions=stats.resubmissions,
+        resends=stats.resends,
+        time_to_final_after_504_p50=_percentile(after_504, 0.50),
+        time_to_final_after_504_p95=_percentile(after_504, 0.95),
+        time_to_final_after_504_max=max(after_504, default=0.0),
         virtual_seconds=virtual,
         wall_seconds=time.perf_counter() - wall0,
     )
@@ -246,8 +263,13 @@ def render(report: Report) -> str:
         ("p50 / bound", f"{report.p50_over_bound:.2f}"),
         ("resolved by", ", ".join(f"{k}={v}" for k, v in sorted(report.resolved_by.items()))),
         (
-            "confirmed absences / resubmissions",
-            f"{report.confirmed_absences} / {report.resubmissions}",
+            "confirmed absences / resubmissions / re-sends",
+            f"{report.confirmed_absences} / {report.resubmissions} / {report.resends}",
+        ),
+        (
+            "time to final after a 504 p50 / p95 / max (s)",
+            f"{report.time_to_final_after_504_p50:.1f} / "
+            f"{report.time_to_final_after_504_p95:.1f} / {report.time_to_final_after_504_max:.1f}",
         ),
         ("simulated / wall time", f"{report.virtual_seconds:.0f} s / {report.wall_seconds:.1f} s"),
     ]
@@ -268,6 +290,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--check-rate", type=float, default=d.check_rate, help="checks per second")
     ap.add_argument("--check-burst", type=int, default=d.check_burst)
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument(
+        "--idempotency-keys",
+        action="store_true",
+        help="the partner honours Idempotency-Key: uncertain POSTs are re-sent with the same key",
+    )
     ap.add_argument("--json", type=Path, default=Path("bench-results/reconciliation.json"))
 
 
@@ -282,6 +309,7 @@ def run_from_args(ns: argparse.Namespace) -> int:
         check_rate=ns.check_rate,
         check_burst=ns.check_burst,
         seed=ns.seed,
+        idempotency_keys=ns.idempotency_keys,
     )
     report = run_virtual(simulate, profile)
     print(render(report))

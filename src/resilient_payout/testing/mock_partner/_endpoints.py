@@ -103,9 +103,32 @@ async def _handle_post(partner: MockPartner, scope: Scope, receive: Receive, sen
     if not partner.running:
         await _respond(send, 503, {"detail": "mock partner is not running"})
         return
-    post = partner._accept_post(data["id"], data["webhookUrl"], _caller(scope))
+    key = _header(scope, b"idempotency-key") if partner.config.honor_idempotency_key else None
+    if key is not None:
+        held = partner._held_post(data["id"], key)
+        if held is not None:
+            await _answer_held(partner, send, held)
+            return
+    post = partner._accept_post(data["id"], data["webhookUrl"], _caller(scope), key)
     await post.answered.wait()
     await _answer(send, post)
+
+
+async def _answer_held(partner: MockPartner, send: Send, post: Post) -> None:
+    """A POST with a key the partner holds: the first request's record, never a new one."""
+    partner._state.answers["idempotent_replay"] += 1
+    record = partner.record(post.payout_id)
+    if record is None:
+        await _respond(send, 409, {"detail": "a request with this idempotency key is in progress"})
+        return
+    await _respond(send, 200, record)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 async def _answer(send: Send, post: Post) -> None:

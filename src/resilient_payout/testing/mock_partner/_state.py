@@ -23,6 +23,8 @@ _WINDOW_EPSILON = 1e-9
 
 
 class AnswerCounts(TypedDict):
+    """How the partner answered POSTs, by kind (``answers`` in ``GET /_mock/stats``)."""
+
     completed: int
     declined: int
     pending: int
@@ -31,6 +33,8 @@ class AnswerCounts(TypedDict):
 
 
 class MockPartnerStats(TypedDict):
+    """What ``GET /_mock/stats`` returns: POSTs, status checks, blocks, webhooks, answers."""
+
     posts_total: int
     posts_max_per_id: int
     double_payments: list[str]
@@ -45,6 +49,9 @@ class MockPartnerStats(TypedDict):
 
 
 class TruthEntry(TypedDict):
+    """One id in ``GET /_mock/truth``: the partner's record's status (``None``: no record), its
+    POSTs, whether they all settled and whether any paid twice."""
+
     status: str | None
     posts: int
     settled: bool
@@ -52,6 +59,8 @@ class TruthEntry(TypedDict):
 
 
 class MockPartnerTruth(TypedDict):
+    """What ``GET /_mock/truth`` returns: the partner's truth for every id it was sent."""
+
     transactions: dict[str, TruthEntry]
 
 
@@ -69,6 +78,18 @@ class Post:
     answer_sent: bool = False
     recorded: bool = False
     settled: bool = False
+    key: str | None = None
+
+    @property
+    def reaches_ledger(self) -> bool:
+        """Whether this POST records a transfer now or later (its key then stands for it)."""
+        plan = self.plan
+        return (
+            self.recorded
+            or plan.record_at_once
+            or plan.final_at is not None
+            or plan.land_at is not None
+        )
 
 
 @dataclass
@@ -92,16 +113,34 @@ class State:
     webhooks_failed: int = 0
     answers: Counter[str] = field(default_factory=Counter)
 
+    def held(self, config: MockPartnerConfig, payout_id: str, key: str, now: float) -> Post | None:
+        """The earlier POST whose idempotency key this is, if the partner still holds it."""
+        for post in self.posts.get(payout_id, ()):
+            retained = now < post.requested_at + config.idempotency_retention * config.time_scale
+            if post.key == key and post.reaches_ledger and retained:
+                return post
+        return None
+
     def add_post(
-        self, config: MockPartnerConfig, payout_id: str, webhook_url: str, now: float
+        self,
+        config: MockPartnerConfig,
+        payout_id: str,
+        webhook_url: str,
+        now: float,
+        key: str | None = None,
     ) -> Post:
         """Draw the next POST of ``payout_id`` and note whether it can pay a second time."""
         earlier = self.posts.setdefault(payout_id, [])
         number = len(earlier) + 1
         plan = draw(config, payout_id, number)
         # A second transfer is possible when an earlier POST recorded anything, or could still
-        # land as far as anyone outside the partner can tell (unanswered, or within its window).
-        double = any(p.recorded or not p.answer_sent or now < p.window_end for p in earlier)
+        # land as far as anyone outside the partner can tell (unanswered, or within its window);
+        # under one honoured key the partner itself makes one transfer at most.
+        double = any(
+            (p.recorded or not p.answer_sent or now < p.window_end)
+            and not (key is not None and p.key == key)
+            for p in earlier
+        )
         post = Post(
             payout_id=payout_id,
             number=number,
@@ -111,6 +150,7 @@ class State:
             window_end=now + max(config.late_landing_max, config.timeout_after) * config.time_scale,
             plan=plan,
             double_payment=double,
+            key=key,
         )
         earlier.append(post)
         if double and payout_id not in self.double_payments:

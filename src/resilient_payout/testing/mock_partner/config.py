@@ -58,6 +58,12 @@ class MockPartnerConfig:
     """A duplicate or stale webhook follows the real one after uniform(0, this) seconds."""
     webhook_secret: str | None = None
     """Set: every webhook carries Standard Webhooks signature headers made with this secret."""
+    honor_idempotency_key: bool = False
+    """True: a POST's ``Idempotency-Key`` header is honoured like Stripe's or Adyen's (the same
+    key within ``idempotency_retention`` never makes a second transfer: it gets the first
+    request's record, or a 409 while that request may still land). The exercise's partner
+    honours none: off by default."""
+    idempotency_retention: float = 86_400.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -69,6 +75,10 @@ class MockPartnerConfig:
             if f.name == "seed":
                 if not isinstance(value, int | str) or isinstance(value, bool):
                     raise TypeError("seed must be an int or a str")
+                continue
+            if f.name == "honor_idempotency_key":
+                if not isinstance(value, bool):
+                    raise TypeError("honor_idempotency_key must be a bool")
                 continue
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise TypeError(f"{f.name} must be a number, got {value!r}")

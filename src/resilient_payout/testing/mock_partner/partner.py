@@ -167,9 +167,14 @@ class MockPartner:
 
     # -- for the endpoints ---------------------------------------------------------------------
 
-    def _accept_post(self, payout_id: str, webhook_url: str, caller: str) -> Post:
+    def _held_post(self, payout_id: str, key: str) -> Post | None:
+        return self._state.held(self._config, payout_id, key, anyio.current_time())
+
+    def _accept_post(
+        self, payout_id: str, webhook_url: str, caller: str, key: str | None = None
+    ) -> Post:
         state = self._state
-        post = state.add_post(self._config, payout_id, webhook_url, anyio.current_time())
+        post = state.add_post(self._config, payout_id, webhook_url, anyio.current_time(), key)
         self._waiting.add(post)
         self._start_job(self._run_timeline, state, post)
         log.log(

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 __all__ = ["PushShape", "SimulatorConfig"]
 
 PushShape = Literal["auto", "flat", "nested"]
+"""The push body the simulated backend expects: ``flat``, ``nested`` (the two `HttpNotifier`
+shapes) or ``auto`` (either)."""
 
 _MIN_POLL_S = 0.05
 """Floor, in clock seconds, under the scaled poll interval: at a tiny time scale an unanswered id

@@ -27,6 +27,7 @@ from .report import SimulationReport
 __all__ = ["FINAL_STATUSES", "Simulator"]
 
 FINAL_STATUSES = frozenset({"completed", "declined", "failed"})
+"""The statuses the app may be told as final."""
 _ANSWER_STATUSES = FINAL_STATUSES | {"pending"}
 _OK_POST_CODES = frozenset({200, 201, 202})
 

@@ -1,0 +1,1 @@
+"""A plain asyncio worker over :mod:`resilient_payout.wiring`: no web framework."""
