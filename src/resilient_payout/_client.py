@@ -343,6 +343,26 @@ class PayoutClient:
         headers = headers or {}
         if self.webhook_verifier is not None:
             await self._verify_webhook(body, headers)
+        try:
+            return await self._handle_verified(body, headers)
+        except Exception:
+            # Verified but not applied: the partner will retry with the same id, which must
+            # not then be refused as a replay.
+            await self._release_webhook(headers)
+            raise
+
+    async def _release_webhook(self, headers: Mapping[str, str]) -> None:
+        release = getattr(self.webhook_verifier, "release", None)
+        if release is None:
+            return
+        try:
+            await release(headers)
+        except Exception:
+            log.warning("could not release a failed webhook's replay mark", exc_info=True)
+
+    async def _handle_verified(
+        self, body: bytes | str | dict[str, Any], headers: Mapping[str, str]
+    ) -> Payout:
         hook = self.webhook_parser(body, headers)
         self.stats.webhooks += 1
         if hook.payout_id is not None:
@@ -353,14 +373,19 @@ class PayoutClient:
         if p is None:
             self.stats.webhooks_unknown += 1
             raise UnknownPayout(hook.payout_id or f"partner reference {hook.partner_ref}")
-        if hook.event_id is not None and self.webhook_replays is not None:
+        event_key = None if hook.event_id is None else f"event:{hook.event_id}"
+        if event_key is not None and self.webhook_replays is not None:
             now = self.clock.now()
-            if not await self.webhook_replays.add(
-                f"event:{hook.event_id}", now + _EVENT_ID_TTL, now
-            ):
+            if not await self.webhook_replays.add(event_key, now + _EVENT_ID_TTL, now):
                 bump(self.stats.webhooks_rejected, RejectReason.REPLAYED.value)
                 raise WebhookAuthError(RejectReason.REPLAYED, "webhook event already handled")
-        return await self._apply(p, WebhookReceived(hook.status, hook.partner_ref))
+        try:
+            return await self._apply(p, WebhookReceived(hook.status, hook.partner_ref))
+        except Exception:
+            discard = getattr(self.webhook_replays, "discard", None)
+            if event_key is not None and discard is not None:
+                await discard(event_key)  # not applied: the partner's retry must get through
+            raise
 
     async def _verify_webhook(
         self, body: bytes | str | dict[str, Any], headers: Mapping[str, str]

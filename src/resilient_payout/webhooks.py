@@ -116,6 +116,10 @@ class InMemoryReplayStore:
     def __len__(self) -> int:
         return len(self._expiry)
 
+    async def discard(self, key: str) -> None:
+        """Forget ``key`` (its message failed after it was remembered; a retry may come)."""
+        self._expiry.pop(key, None)  # its heap entry expires harmlessly
+
     async def add(self, key: str, expires_at: float, now: float) -> bool:
         self._prune(now)
         if key in self._expiry:
@@ -217,6 +221,15 @@ class StandardWebhookVerifier:
         except WebhookAuthError as exc:
             self.rejected[exc.reason.value] = self.rejected.get(exc.reason.value, 0) + 1
             raise
+
+    async def release(self, headers: Mapping[str, str]) -> None:
+        """Forget a verified message's id because handling it failed (a 5xx, storage down):
+        the partner's retry, which carries the same ``webhook-id``, is then accepted instead of
+        refused as a replay. Only with a store that can ``discard`` (the in-memory one can)."""
+        discard = getattr(self.replay_store, "discard", None)
+        msg_id = {k.lower(): v for k, v in headers.items()}.get("webhook-id", "")
+        if discard is not None and msg_id:
+            await discard(msg_id)
 
     async def _verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         h = {k.lower(): v for k, v in headers.items()}

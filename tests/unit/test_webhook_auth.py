@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from resilient_payout import WebhookRejected
+from resilient_payout import (
+    PartnerStatus,
+    Payout,
+    PayoutClient,
+    PayoutRequest,
+    PayoutStatus,
+    StorageUnavailable,
+    WebhookRejected,
+)
+from resilient_payout.storage.memory import MemoryStorage
+from resilient_payout.testing import FakePartner
 from resilient_payout.testing.mock_partner._signing import sign as mock_sign
 from resilient_payout.webhooks import (
     InMemoryReplayStore,
     RejectReason,
     StandardWebhookVerifier,
     UnsignedWebhooks,
+    Webhook,
     WebhookAuthError,
     WebhookVerifier,
     sign_webhook,
@@ -199,3 +211,80 @@ def test_bad_configuration_fails_at_construction(secrets: Any, error: type[Excep
 def test_repr_shows_no_secret() -> None:
     assert SECRET not in repr(StandardWebhookVerifier([SECRET]))
     assert SECRET[6:] not in repr(StandardWebhookVerifier([SECRET]))
+
+
+# -- a verified webhook that could not be applied is not a replay when the partner retries ------
+
+
+class _FixedClock:
+    def now(self) -> float:
+        return NOW
+
+
+class _FlakyStorage(MemoryStorage):
+    """The next ``failures`` compare-and-sets fail as if the database were down."""
+
+    failures = 0
+
+    async def compare_and_set(self, payout: Any, **kw: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise StorageUnavailable("database restarting")
+        return await super().compare_and_set(payout, **kw)
+
+
+async def _awaiting(storage: MemoryStorage, payout_id: str) -> None:
+    p, _ = await storage.create_if_absent(
+        Payout.new(PayoutRequest(id=payout_id), NOW, next_check_at=NOW + 10**6)
+    )
+    await storage.compare_and_set(replace(p, status=PayoutStatus.AWAITING), expected_version=1)
+    if isinstance(storage, _FlakyStorage):
+        storage.failures = 1
+
+
+async def test_a_webhook_that_failed_after_verification_is_accepted_on_retry() -> None:
+    storage = _FlakyStorage()
+    verifier = StandardWebhookVerifier([SECRET])
+    client = PayoutClient(
+        storage=storage,
+        partner=FakePartner(),
+        webhook_url="http://service/webhook",
+        webhook_verifier=verifier,
+        clock=_FixedClock(),
+        background=False,
+    )
+    async with client:
+        await _awaiting(storage, "tx-1")
+        with pytest.raises(StorageUnavailable):
+            await client.handle_webhook(BODY, headers())
+        # The partner retries the same message (same webhook-id): applied, not a replay.
+        done = await client.handle_webhook(BODY, headers())
+        assert done.status is PayoutStatus.COMPLETED
+        # A third delivery of the applied message is a replay again.
+        with pytest.raises(WebhookAuthError) as info:
+            await client.handle_webhook(BODY, headers())
+    assert info.value.reason is RejectReason.REPLAYED
+
+
+async def test_a_partner_event_id_that_failed_is_accepted_on_retry() -> None:
+    def with_event(body: Any, hdrs: Any) -> Webhook:
+        return Webhook("tx-2", PartnerStatus.DECLINED, event_id="evt-9")
+
+    storage = _FlakyStorage()
+    client = PayoutClient(
+        storage=storage,
+        partner=FakePartner(),
+        webhook_url="http://service/webhook",
+        webhook_parser=with_event,
+        webhook_replays=InMemoryReplayStore(),
+        clock=_FixedClock(),
+        background=False,
+    )
+    async with client:
+        await _awaiting(storage, "tx-2")
+        with pytest.raises(StorageUnavailable):
+            await client.handle_webhook(b"{}")
+        assert (await client.handle_webhook(b"{}")).status is PayoutStatus.DECLINED
+        with pytest.raises(WebhookAuthError) as info:
+            await client.handle_webhook(b"{}")
+    assert info.value.reason is RejectReason.REPLAYED
