@@ -311,26 +311,16 @@ class PayoutClient:
             raise InvalidRequest("a note saying why is required")
         if len(text) > 2000 or (who is not None and len(who) > 100):
             raise InvalidRequest("the note may have 2000 characters, the operator's name 100")
-        event = OperatorResolved(status, text, who)
-        current = await self.get(payout_id)
-        for _ in range(_MAX_RACES):
+        def still_open(current: Payout) -> None:
             if current.is_final:
                 # Never overrides a final status, nor records a conflict: an operator who lost
                 # the race is told, and nothing is written.
                 raise PayoutAlreadyFinal(current.id, current.status.value)
-            decision = decide(current, event, self.clock.now(), self.policy)
-            outbox = self._outbox_for(decision)
-            stored = await self.storage.compare_and_set(
-                decision.payout, expected_version=current.version, outbox=outbox
-            )
-            if stored is not None:
-                self._written(current, stored, outbox is not None)
-                await self._act(stored, decision)
-                log.info("payout %s: resolved %s by operator %s", stored.id, status.value, who)
-                return stored
-            self.stats.races_lost += 1
-            current = await self.get(current.id)
-        raise ConcurrencyError(f"payout {current.id!r}: too many lost races")
+
+        event = OperatorResolved(status, text, who)
+        stored = await self._apply(await self.get(payout_id), event, precondition=still_open)
+        log.info("payout %s: resolved %s by operator %s", stored.id, status.value, who)
+        return stored
 
     # -- the partner's side --------------------------------------------------------------------
 
@@ -406,9 +396,21 @@ class PayoutClient:
 
     # -- the machinery -----------------------------------------------------------------------
 
-    async def _apply(self, current: Payout, event: Event) -> Payout:
-        """Decide, compare-and-set, then act; a lost race re-reads and decides again."""
+    async def _apply(
+        self,
+        current: Payout,
+        event: Event,
+        *,
+        precondition: Callable[[Payout], None] | None = None,
+    ) -> Payout:
+        """Decide, compare-and-set, then act; a lost race re-reads and decides again.
+
+        ``precondition`` sees every record read (also after a lost race) before deciding, and
+        may raise to write nothing.
+        """
         for _ in range(_MAX_RACES):
+            if precondition is not None:
+                precondition(current)
             decision = decide(current, event, self.clock.now(), self.policy)
             if decision.payout is current:
                 await self._act(current, decision)
