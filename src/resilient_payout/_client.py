@@ -311,6 +311,7 @@ class PayoutClient:
             raise InvalidRequest("a note saying why is required")
         if len(text) > 2000 or (who is not None and len(who) > 100):
             raise InvalidRequest("the note may have 2000 characters, the operator's name 100")
+
         def still_open(current: Payout) -> None:
             if current.is_final:
                 # Never overrides a final status, nor records a conflict: an operator who lost

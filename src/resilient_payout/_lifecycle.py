@@ -562,6 +562,12 @@ def _not_sent(
     cause: Cause = Cause.PARTNER_ANSWER,
     event: str = "not_sent",
 ) -> Decision:
+    if p.resends > 0:
+        # This re-send never left, but an earlier send of the attempt may have landed: the
+        # attempt stays unknown (re-sent again with its key, or checked), never "received",
+        # whose retries can end in "unreachable".
+        moved = _move(p, S.UNKNOWN, now, cause, event, reason)
+        return Decision(_uncertain(moved, now, policy, retry_after))
     failures = p.send_failures + 1
     if failures > policy.max_send_retries:
         return _finalize(

@@ -18,6 +18,7 @@ from resilient_payout import (
     ConflictDetected,
     Found,
     IdempotencyKeys,
+    NotSent,
     PartnerAnswered,
     PartnerStatus,
     Payout,
@@ -25,6 +26,7 @@ from resilient_payout import (
     PayoutStatus,
     Policy,
     ReferenceRefused,
+    SendExpired,
     StatusChecked,
     SubmitAttempt,
     SubmitOutcome,
@@ -313,3 +315,37 @@ async def test_a_409_in_progress_waits_its_retry_after() -> None:
     sends = [a.at for a in p.audit if a.event in ("submit", "resend")]
     assert sends[1] - sends[0] >= 20.0
     assert sends[2] - sends[1] >= 20.0
+
+
+async def test_a_resend_that_is_not_sent_leaves_the_attempt_unknown_never_unreachable() -> None:
+    # The first POST may have landed (504); every re-send fails to connect. Before, each
+    # failed re-send counted as "not sent" and after max_send_retries the payout was failed as
+    # unreachable while the partner had completed it.
+    class LandedThenUnreachable(FakePartner):
+        sends = 0
+
+        async def submit(self, attempt: SubmitAttempt) -> SubmitOutcome:
+            self.sends += 1
+            return Uncertain("HTTP 504") if self.sends == 1 else NotSent("connection refused")
+
+        async def check(self, payout_id: str, partner_ref: str | None = None) -> Any:
+            return Found(PartnerStatus.COMPLETED)
+
+    partner = LandedThenUnreachable(idempotency=KEYS)
+    async with partner, running(MemoryStorage(), partner) as client:
+        await client.submit({"id": "flaky-net"})
+        p = await settled(client, "flaky-net", within=3_000)
+    assert p.status is S.COMPLETED
+    assert p.resolved_by is Cause.STATUS_CHECK
+    assert partner.sends == 1 + POLICY.max_resends
+    assert not any(a.event == "unreachable" for a in p.audit)
+
+
+def test_a_stale_resend_is_not_sent_and_stays_unknown() -> None:
+    policy = POLICY.replace(key_retention=86_400.0)
+    p = Payout.new(PayoutRequest(id="x"), 0.0, next_check_at=0.0)
+    p = replace(p, status=S.SUBMITTING, attempt=1, resends=1, key_first_sent_at=0.0,
+                attempt_started_at=100.0)  # fmt: skip
+    d = decide(p, SendExpired(1), 100.0 + policy.max_send_delay, policy)
+    assert d.payout.status is S.UNKNOWN
+    assert d.payout.send_failures == 0
