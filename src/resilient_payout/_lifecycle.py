@@ -534,6 +534,12 @@ def _on_answer(p: Payout, outcome: SubmitOutcome, now: float, policy: Policy) ->
             return _finalize(p, S.FAILED, now, cause, "refused", reason=_refusal(outcome))
         return Decision(p)
     match outcome:
+        case Refused() if p.resends > 0:
+            # A partner holding the key answers with the first request's result; a refusal of
+            # a re-send (a key it forgot, a payload it sees as different) proves nothing about
+            # an earlier send that may have landed.
+            moved = _move(p, S.UNKNOWN, now, cause, "uncertain", _refusal(outcome))
+            return Decision(_uncertain(moved, now, policy))
         case Refused():
             return _finalize(p, S.FAILED, now, cause, "refused", reason=_refusal(outcome))
         case NotSent(reason=reason):

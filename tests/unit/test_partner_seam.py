@@ -26,6 +26,7 @@ from resilient_payout import (
     PayoutStatus,
     Policy,
     ReferenceRefused,
+    Refused,
     SendExpired,
     StatusChecked,
     SubmitAttempt,
@@ -349,3 +350,17 @@ def test_a_stale_resend_is_not_sent_and_stays_unknown() -> None:
     d = decide(p, SendExpired(1), 100.0 + policy.max_send_delay, policy)
     assert d.payout.status is S.UNKNOWN
     assert d.payout.send_failures == 0
+
+
+def test_a_refused_resend_is_no_proof_the_attempt_stays_unknown() -> None:
+    policy = POLICY.replace(key_retention=86_400.0)
+    p = Payout.new(PayoutRequest(id="x"), 0.0, next_check_at=0.0)
+    p = replace(p, status=S.SUBMITTING, attempt=1, resends=1, key_first_sent_at=0.0,
+                attempt_started_at=40.0)  # fmt: skip
+    d = decide(p, PartnerAnswered(1, Refused(422, "key reused with another payload")), 41, policy)
+    assert d.payout.status is S.UNKNOWN
+    # A first send that is refused is final, as before.
+    first = replace(p, resends=0)
+    assert decide(first, PartnerAnswered(1, Refused(422, "bad")), 41, policy).payout.status is (
+        S.FAILED
+    )
