@@ -13,7 +13,7 @@ help:
 	@echo "make demo     - mock partner + example service + simulated app (SQLite), prints a summary"
 	@echo "make test     - ruff, ruff format --check, mypy --strict, mkdocs --strict, the pytest suite"
 	@echo "make bench    - benchmarks into bench-results/ (ARGS=--quick for a short run)"
-	@echo "make soak     - 5-minute soak: service SIGKILLed every 3-10 s under load (ARGS=--minutes N)"
+	@echo "make soak     - 5-minute soak: service SIGKILLed every 3-10 s under load (ARGS=--minutes N, --signal TERM)"
 	@echo "make docs     - the documentation site into site/ (open site/index.html)"
 	@echo "make build    - wheel and sdist into dist/ (version from the git tag), twine check"
 	@echo "make release VERSION=x.y.z - CHANGELOG [Unreleased] -> [x.y.z], commit, tag vx.y.z"

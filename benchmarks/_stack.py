@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,7 +59,12 @@ WHATIF: list[str] = []
 def start_service(
     logs: Path, partner: Proc, sink: Proc, storage: str, time_scale: float = 1.0
 ) -> Proc:
-    """``resilient-payout serve`` against ``partner``, pushing to ``sink``."""
+    """``resilient-payout serve`` against ``partner``, pushing to ``sink``.
+
+    Overload shedding is off unless the environment sets its bounds (benchmarks/overload.py
+    does): a closed-loop benchmark measures capacity, and would otherwise count refusals."""
+    os.environ.setdefault("RP_MAX_LOOP_LAG", "0")
+    os.environ.setdefault("RP_MAX_INFLIGHT_SUBMITS", "0")
     port = free_port()
     if WHATIF:
         args = ["-m", "benchmarks.whatif_service", "--port", str(port), "--storage", storage]
@@ -102,10 +108,17 @@ def post(url: str) -> None:
         http.post(url)
 
 
-def scenario_main(doc: str | None, run: Callable[[Path, bool], Any], argv: list[str] | None) -> int:
+def scenario_main(
+    doc: str | None,
+    run: Callable[[Path, bool, argparse.Namespace], Any],
+    argv: list[str] | None,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
     """The command line of a scenario that starts the service: ``[--quick] [--out DIR]
-    [--whatif OPTIONS]``, then ``run(out, quick)``."""
+    [--whatif OPTIONS]`` and the scenario's own ``options``, then ``run(out, quick, ns)``."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    if options is not None:
+        options(ap)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument(
@@ -116,5 +129,5 @@ def scenario_main(doc: str | None, run: Callable[[Path, bool], Any], argv: list[
     )
     ns = ap.parse_args(argv)
     WHATIF[:] = ns.whatif.split()
-    run(ns.out, ns.quick)
+    run(ns.out, ns.quick, ns)
     return 0

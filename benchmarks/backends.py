@@ -16,6 +16,10 @@ one event loop (so one core for the client; a server backend's own work runs els
 PostgreSQL and Redis run on ``RP_TEST_POSTGRES_URL`` / ``RP_TEST_REDIS_URL`` (defaults: local
 servers) in a fresh schema / key prefix, dropped afterwards; an unreachable server is skipped,
 with the reason. Writes JSON (default ``bench-results/backends.json``).
+
+``--repeat N`` (default 3) runs both measurements N times per backend (interleaved, each on a
+fresh store) and reports the medians with min/max; ``--compare BASE.json`` then prints new/old
+ratios against an earlier ``backends.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,20 @@ from resilient_payout import (
     storage_from_url,
 )
 from resilient_payout.testing import FakePartner, Fate, Script
+
+try:  # as ``python -m benchmarks.backends`` (or imported by the runner)
+    from . import report
+    from ._common import MachineWatch, add_repeat_options, machine_text, spread_text, summarize
+except ImportError:  # as ``python benchmarks/backends.py``
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import report
+    from benchmarks._common import (
+        MachineWatch,
+        add_repeat_options,
+        machine_text,
+        spread_text,
+        summarize,
+    )
 
 BACKENDS = ("memory", "sqlite", "postgres", "redis")
 CONCURRENCY = 100
@@ -229,26 +247,38 @@ async def _end_to_end(url: str, n: int, scale: float) -> dict[str, float]:
 # -- running and reporting -----------------------------------------------------------------------
 
 
-async def _bench(names: list[str], n: int, scale: float) -> dict[str, Any]:
+async def _bench(names: list[str], n: int, scale: float, repeat: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    runs: dict[str, list[dict[str, float]]] = {}
+    for name in names:
+        problem = await _probe(name)
+        if problem is not None:
+            print(f"{name}: skipped, server unreachable ({problem})", file=sys.stderr)
+            results[name] = {"skipped": problem}
+        else:
+            runs[name] = []
     with tempfile.TemporaryDirectory(prefix="rp-bench-") as tmpdir:
-        for name in names:
-            problem = await _probe(name)
-            if problem is not None:
-                print(f"{name}: skipped, server unreachable ({problem})", file=sys.stderr)
-                results[name] = {"skipped": problem}
-                continue
-            async with _storage_url(name, Path(tmpdir)) as url:
-                submits = await _submits_per_second(url, n)
-            async with _storage_url(name, Path(tmpdir)) as url:
-                e2e = await _end_to_end(url, n, scale)
-            results[name] = {"submits_per_s": submits, **e2e}
-            print(
-                f"{name}: {submits:,.0f} submits/s, {e2e['payouts_per_s']:,.0f} payouts/s, "
-                f"{e2e['cpu_ms_per_payout']:.2f} CPU ms/payout",
-                file=sys.stderr,
-            )
-    return results
+        for i in range(repeat):
+            for name in runs:
+                async with _storage_url(name, Path(tmpdir)) as url:
+                    submits = await _submits_per_second(url, n)
+                async with _storage_url(name, Path(tmpdir)) as url:
+                    e2e = await _end_to_end(url, n, scale)
+                runs[name].append({"submits_per_s": submits, **e2e})
+                print(f"{name} run {i + 1}/{repeat}: {_figures(runs[name][-1])}", file=sys.stderr)
+    for name, rs in runs.items():
+        results[name] = summarize(rs, "payouts_per_s")
+        if repeat > 1:
+            print(f"{name} median of {repeat}: {_figures(results[name])}", file=sys.stderr)
+    return {name: results[name] for name in names}
+
+
+def _figures(r: dict[str, Any]) -> str:
+    return (
+        f"{spread_text(r, 'submits_per_s', ',.0f')} submits/s, "
+        f"{spread_text(r, 'payouts_per_s', ',.0f')} payouts/s, "
+        f"{spread_text(r, 'cpu_ms_per_payout', '.2f')} CPU ms/payout"
+    )
 
 
 def _table(results: dict[str, Any]) -> str:
@@ -261,8 +291,9 @@ def _table(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | skipped | ({r['skipped'][:60]}) | |")
         else:
             lines.append(
-                f"| {name} | {r['submits_per_s']:,.0f} | {r['payouts_per_s']:,.0f} "
-                f"| {r['cpu_ms_per_payout']:.2f} |"
+                f"| {name} | {spread_text(r, 'submits_per_s', ',.0f')} "
+                f"| {spread_text(r, 'payouts_per_s', ',.0f')} "
+                f"| {spread_text(r, 'cpu_ms_per_payout', '.2f')} |"
             )
     return "\n".join(lines)
 
@@ -278,30 +309,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset")
     parser.add_argument("--json", type=Path, default=Path("bench-results/backends.json"))
+    add_repeat_options(parser)
     ns = parser.parse_args(argv)
     names = [b for b in ns.backends.split(",") if b]
     unknown = set(names) - set(BACKENDS)
-    if unknown or ns.n < 1 or ns.time_scale <= 0:
-        parser.error(f"bad --backends {sorted(unknown)}, --n or --time-scale")
+    repeat = 3 if ns.repeat is None else ns.repeat
+    if unknown or ns.n < 1 or ns.time_scale <= 0 or repeat < 1:
+        parser.error(f"bad --backends {sorted(unknown)}, --n, --time-scale or --repeat")
     started = time.perf_counter()
-    results = anyio.run(_bench, names, ns.n, ns.time_scale)
+    servers = {"postgres": "postgres", "redis": "redis-server"}
+    with MachineWatch(uses=[servers[b] for b in names if b in servers]) as watch:
+        results = anyio.run(_bench, names, ns.n, ns.time_scale, repeat)
     print(_table(results))
-    report = {
+    print(machine_text(watch.result))
+    data = {
+        "scenario": "backends",
         "n": ns.n,
+        "repeat": repeat,
         "time_scale": ns.time_scale,
         "concurrency": CONCURRENCY,
         "max_concurrent_work": MAX_WORK,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": {**watch.result, "platform": platform.platform()},
         "wall_s": round(time.perf_counter() - started, 1),
         "results": results,
     }
     ns.json.parent.mkdir(parents=True, exist_ok=True)
-    ns.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {ns.json} in {report['wall_s']} s")
+    ns.json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {ns.json} in {data['wall_s']} s")
+    if ns.compare:
+        report.print_compare(ns.compare, data, ns.threshold)
     return 0
 
 

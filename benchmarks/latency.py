@@ -4,18 +4,37 @@ Per offered rate: a fresh mock partner whose answers take ``~1300 / rate`` secon
 1,300 payouts are in flight at the partner in steady state (below HttpPartner's 2,000-connection
 pool), a fresh service on SQLite, an open-loop load process at the rate (warm-up until the
 partner is full, then the measured window); then the bare FastAPI app at the same rate.
+
+``--repeat N`` (default 3, 1 with ``--quick``) runs every rate N times (interleaved, each on a
+fresh partner, service and store) and reports the medians with min/max; ``--rates`` and
+``--storage sqlite|memory|postgres`` (a fresh schema of ``RP_TEST_POSTGRES_URL``) change what runs;
+``--compare BASE.json`` then prints new/old ratios against an earlier ``latency.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from . import _stack
-from ._common import cpu_seconds, machine, percentile, run_loadgen, write_json
+from . import _stack, report
+from ._common import (
+    MachineWatch,
+    add_repeat_options,
+    cpu_seconds,
+    machine_text,
+    percentile,
+    refused,
+    repeats,
+    run_loadgen,
+    spread_text,
+    storage_url,
+    summarize,
+    write_json,
+)
 from ._stack import Proc, Stack, get_json, start_bare, start_partner, start_service
 
 NAME = "latency"
@@ -40,13 +59,21 @@ def _poll_in_flight(partner: Proc, stop: threading.Event, samples: list[tuple[fl
         samples.append((time.perf_counter(), s["posts_total"] - sum(s["answers"].values())))
 
 
-def run_level(rate: float, duration: float, target: int, work: Path, bare: Proc) -> dict[str, Any]:
+def run_level(
+    rate: float, duration: float, target: int, work: Path, bare: Proc, storage: str = "sqlite"
+) -> dict[str, Any]:
     """One offered rate: service (warm-up + window) then the bare endpoint."""
+    with storage_url(storage, work / f"latency-{rate:g}.db") as url:
+        level = _run_level(rate, duration, target, work, bare, url)
+    return {"storage": storage, **level}
+
+
+def _run_level(
+    rate: float, duration: float, target: int, work: Path, bare: Proc, url: str
+) -> dict[str, Any]:
     mean = target / rate
     warmup = 1.1 * mean + 1.0
     stack = Stack()
-    db = work / f"latency-{rate:g}.db"
-    db.unlink(missing_ok=True)
     try:
         partner = stack.add(
             start_partner(
@@ -58,7 +85,7 @@ def run_level(rate: float, duration: float, target: int, work: Path, bare: Proc)
                 p_webhook=0.0,
             )
         )
-        service = stack.add(start_service(work, partner, bare, f"sqlite:///{db}"))
+        service = stack.add(start_service(work, partner, bare, url))
         stack.procs.reverse()  # stop the service before the partner
         samples: list[tuple[float, int]] = []
         halt = threading.Event()
@@ -120,41 +147,84 @@ def run_level(rate: float, duration: float, target: int, work: Path, bare: Proc)
     }
 
 
-def run(out: Path, quick: bool = False) -> dict[str, Any]:
-    """Every rate; prints a line per rate and writes ``latency.json``."""
-    rates = [100.0, 300.0] if quick else [100.0, 300.0, 1000.0]
+def _line(level: dict[str, Any], label: str) -> str:
+    def f(key: str, spec: str = ".1f") -> str:
+        return spread_text(level, key, spec)
+
+    s, b = level["service"], level["bare"]
+    return (
+        f"latency {level['rate']:>6g}/s {level['storage']} {label}: service p50 "
+        f"{f('service.p50_ms')} ms p99 {f('service.p99_ms')} ms | bare p50 {f('bare.p50_ms')} ms "
+        f"p99 {f('bare.p99_ms')} ms | ratio p50 {f('p50_ratio', '.2f')} p99 "
+        f"{f('p99_ratio', '.2f')} | in flight {level['in_flight_at_partner']['mean']:.0f} "
+        f"| errors {s['errors']}/{b['errors']}{refused(s['statuses'])}"
+    )
+
+
+def run(
+    out: Path,
+    quick: bool = False,
+    repeat: int | None = None,
+    storage: str = "sqlite",
+    rates: list[float] | None = None,
+) -> dict[str, Any]:
+    """Every rate ``repeat`` times (interleaved); prints a line per run and the medians, writes
+    ``latency.json``."""
+    if rates is None:
+        rates = [100.0, 300.0] if quick else [100.0, 300.0, 1000.0]
     duration = 2.0 if quick else 10.0
     target = 150 if quick else IN_FLIGHT_TARGET
+    count = repeats(repeat, quick)
     work = out / "work" / NAME
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    levels = []
-    started = machine()
+    runs: dict[float, list[dict[str, Any]]] = {rate: [] for rate in rates}
     bare_stack = Stack()
-    try:
-        bare = bare_stack.add(start_bare(work))
-        for rate in rates:
-            level = run_level(rate, duration if rate < 1000 else duration / 2, target, work, bare)
-            levels.append(level)
-            s, b = level["service"], level["bare"]
-            print(
-                f"latency {rate:>6g}/s  service p50 {s['p50_ms']:7.1f} ms p99 {s['p99_ms']:8.1f} ms"
-                f" | bare p50 {b['p50_ms']:6.1f} ms p99 {b['p99_ms']:7.1f} ms"
-                f" | ratio p50 {level['p50_ratio']:.2f} p99 {level['p99_ratio']:.2f}"
-                f" | in flight {level['in_flight_at_partner']['mean']:.0f}"
-                f" | errors {s['errors']}/{b['errors']}",
-                flush=True,
-            )
-    finally:
-        bare_stack.stop_all()
-    data = {"scenario": NAME, "quick": quick, "machine": started, "levels": levels}
+    with MachineWatch(uses=("postgres",) if storage == "postgres" else ()) as watch:
+        try:
+            bare = bare_stack.add(start_bare(work))
+            for i in range(count):
+                for rate in rates:
+                    window = duration if rate < 1000 else duration / 2
+                    level = run_level(rate, window, target, work, bare, storage)
+                    runs[rate].append(level)
+                    print(_line(level, f"run {i + 1}/{count}"), flush=True)
+        finally:
+            bare_stack.stop_all()
+    levels = [summarize(rs, "service.p99_ms") for rs in runs.values()]
+    if count > 1:
+        for level in levels:
+            print(_line(level, f"median of {count}"), flush=True)
+    print(machine_text(watch.result), flush=True)
+    data = {
+        "scenario": NAME,
+        "quick": quick,
+        "repeat": count,
+        "storage": storage,
+        "machine": watch.result,
+        "levels": levels,
+    }
     write_json(out, NAME, data)
     return data
 
 
+def _options(ap: argparse.ArgumentParser) -> None:
+    add_repeat_options(ap)
+    ap.add_argument("--storage", default="sqlite", choices=["sqlite", "memory", "postgres"])
+    ap.add_argument("--rates", default=None, help="comma-separated offered rates per second")
+
+
+def _cli(out: Path, quick: bool, ns: argparse.Namespace) -> None:
+    rates = [float(r) for r in ns.rates.split(",")] if ns.rates else None
+    data = run(out, quick, ns.repeat, ns.storage, rates)
+    if ns.compare:
+        report.print_compare(ns.compare, data, ns.threshold)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.latency [--quick] [--out DIR] [--whatif OPTIONS]``."""
-    return _stack.scenario_main(__doc__, run, argv)
+    """``python -m benchmarks.latency [--quick] [--repeat N] [--rates R,R] [--storage S]
+    [--out DIR] [--compare BASE.json] [--whatif OPTIONS]``."""
+    return _stack.scenario_main(__doc__, _cli, argv, _options)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
-"""``python -m benchmarks.report [--out DIR]``: ``DIR/report.md`` and PNG plots from the JSON."""
+"""``python -m benchmarks.report [--out DIR]``: ``DIR/report.md`` and PNG plots from the JSON.
+
+``python -m benchmarks.report --compare BASE.json NEW.json [--threshold F]``: new/old ratios of
+every figure in both files of one benchmark, regressions beyond the threshold flagged.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ._common import spread_text as _r
 
 TARGETS = {
     "p50_ratio": 1.3,
@@ -122,18 +129,18 @@ def _figures(data: dict[str, dict[str, Any] | None]) -> list[str]:
     lines = ["| scenario | figure | measured | target | |", "| --- | --- | --- | --- | --- |"]
     lat = data["latency"]
     for level in lat["levels"] if lat else []:
-        s, b, rate = level["service"], level["bare"], level["rate"]
+        s, rate = level["service"], level["rate"]
         gated = rate == 300
         lines.append(
             f"| latency {rate:g}/s | POST p50 / p99 service vs bare (ms) | "
-            f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f} vs {b['p50_ms']:.1f} / {b['p99_ms']:.1f} "
-            f"| | |"
+            f"{_r(level, 'service.p50_ms')} / {_r(level, 'service.p99_ms')} vs "
+            f"{_r(level, 'bare.p50_ms')} / {_r(level, 'bare.p99_ms')} | | |"
         )
         ok50 = level["p50_ratio"] is not None and level["p50_ratio"] <= TARGETS["p50_ratio"]
         ok99 = level["p99_ratio"] is not None and level["p99_ratio"] <= TARGETS["p99_ratio"]
         lines.append(
-            f"| latency {rate:g}/s | ratio p50 / p99 | {level['p50_ratio']:.2f} / "
-            f"{level['p99_ratio']:.2f} | {'≤ 1.3 / ≤ 2' if gated else '—'} | "
+            f"| latency {rate:g}/s | ratio p50 / p99 | {_r(level, 'p50_ratio', '.2f')} / "
+            f"{_r(level, 'p99_ratio', '.2f')} | {'≤ 1.3 / ≤ 2' if gated else '—'} | "
             f"{(_mark(ok50) + ' / ' + _mark(ok99)) if gated else ''} |"
         )
         inf = level["in_flight_at_partner"]
@@ -148,7 +155,7 @@ def _figures(data: dict[str, dict[str, Any] | None]) -> list[str]:
         ok = r["resolved_per_s"] >= TARGETS["resolved_per_s"]
         lines.append(
             f"| end-to-end {r['storage']} | payouts/s resolved ({r['resolved']}/{r['payouts']}) "
-            f"| {r['resolved_per_s']:.0f} | {'≥ 500' if sql else '—'} | "
+            f"| {_r(r, 'resolved_per_s', '.0f')} | {'≥ 500' if sql else '—'} | "
             f"{_mark(ok) if sql else ''} |"
         )
         lines.append(
@@ -161,8 +168,8 @@ def _figures(data: dict[str, dict[str, Any] | None]) -> list[str]:
         ok = r["cpu_ratio"] is not None and r["cpu_ratio"] <= TARGETS["cpu_ratio"]
         lines.append(
             f"| end-to-end {r['storage']} | CPU per payout vs bare round trip (ms) | "
-            f"{r['cpu_per_payout_ms']:.2f} vs {r['bare_cpu_per_request_ms']:.3f} = "
-            f"{r['cpu_ratio']:.1f}x | ≤ 4x | {_mark(ok)} |"
+            f"{_r(r, 'cpu_per_payout_ms', '.2f')} vs {_r(r, 'bare_cpu_per_request_ms', '.3f')} "
+            f"= {_r(r, 'cpu_ratio')}x | ≤ 4x | {_mark(ok)} |"
         )
     sc = data["scale"]
     if sc:
@@ -208,17 +215,27 @@ def write(out: Path) -> Path:
     """Write ``out/report.md`` (and the plots) from whatever JSON files are there."""
     names = ("latency", "throughput", "scale", "reconciliation")
     data = {name: _load(out, name) for name in names}
+    backends = _load(out, "backends")
     lines = ["# Benchmark report", ""]
-    for name, d in data.items():
+    for name, d in {**data, "backends": backends}.items():
         if d:
             m = d["machine"]
+            after = f", {m['loadavg_after']} after" if "loadavg_after" in m else ""
+            n = d.get("repeat", 1)
             lines.append(
-                f"- {name}: {m['at']}, {m['cpus']} CPUs, load average {m['loadavg']} at start"
-                f"{' (quick)' if d.get('quick') else ''}"
+                f"- {name}: {m.get('at', '?')}, {m['cpus']} CPUs, load average "
+                f"{m.get('loadavg', '?')} at start{after}{' (quick)' if d.get('quick') else ''}"
+                + (f", median of {n} runs per level" if n > 1 else "")
             )
-    lines += ["", "Other jobs may share the machine: compare the load averages.", ""]
+            if m.get("busy"):
+                lines.append(f"  - **BUSY MACHINE**: {'; '.join(m['busy'])}")
+    lines += [
+        "",
+        "Other jobs may share the machine: compare the load averages. With repeats, a figure is"
+        " the median (min-max) of the runs.",
+        "",
+    ]
     lines += ["## Figures", "", *_figures(data), ""]
-    backends = _load(out, "backends")
     if backends:
         lines += ["## Backends", "", "See `backends.json`.", ""]
     plots = _plots(out, data)
@@ -231,11 +248,149 @@ def write(out: Path) -> Path:
     return path
 
 
+# -- before/after --------------------------------------------------------------------------------
+
+_NOT_FIGURES = frozenset(
+    {"machine", "spread", "runs", "repeats", "quick", "scenario", "lag_series", "points"}
+)
+"""Keys whose numbers are not results: the machine, the per-run detail, plot series."""
+_SETTINGS = frozenset(
+    {
+        "rate", "payouts", "concurrency", "partner_time_scale", "window_s", "warmup_s", "n",
+        "time_scale", "max_concurrent_work", "repeat", "hold_s", "in_flight_target", "sent",
+        "measured", "samples", "budget_rate", "budget_burst_plus_rate", "partner_limit",
+    }
+)  # fmt: skip
+"""What the run was asked to do: the same in both runs unless the settings changed."""
+_IDENTITY = ("storage", "rate", "name", "backend", "label")
+"""The field that names an element of a list of results (a level, a storage), in this order."""
+
+
+def figures(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every result figure of a benchmark's JSON as ``(dotted path, value)``; a list of results
+    is keyed by each element's identity (``levels.rate=300.service.p99_ms``), lists of numbers
+    (samples) are left out."""
+    for k, v in data.items():
+        if k in _NOT_FIGURES or k in _SETTINGS:
+            continue
+        path = f"{prefix}{k}"
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, int | float):
+            yield path, float(v)
+        elif isinstance(v, dict):
+            yield from figures(v, path + ".")
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, item in enumerate(v):
+                ident = next(
+                    (
+                        f"{f}={item[f]:g}" if isinstance(item[f], float) else f"{f}={item[f]}"
+                        for f in _IDENTITY
+                        if f in item
+                    ),
+                    str(i),
+                )
+                yield from figures(item, f"{path}.{ident}.")
+
+
+def better(path: str) -> int:
+    """+1 if a larger value of this figure is better, -1 if smaller is, 0 if neither."""
+    leaf = path.rsplit(".", 1)[-1].lower()
+    if "cpu_utilisation" in path or leaf.isdigit():  # cores busy, status counts: neither
+        return 0
+    if "per_s" in leaf or leaf in ("achieved_rate", "resolved", "correct", "final"):
+        return 1
+    if leaf.endswith("share"):
+        return 1
+    lower = ("_ms", "_s", "cpu", "ratio", "rss", "errors", "lag", "bytes", "double", "blocks")
+    if leaf.endswith(lower[:2]) or any(w in leaf for w in lower[2:]):
+        return -1
+    return 0
+
+
+def compare(
+    old: dict[str, Any], new: dict[str, Any], threshold: float = 0.15
+) -> tuple[list[str], list[str]]:
+    """Console lines comparing two JSONs of one benchmark, and the regressed figures' paths.
+
+    A figure regressed if it moved in its worse direction (:func:`better`) by more than
+    ``threshold`` (a fraction of the old value), or from 0 to more for a smaller-is-better one.
+    """
+    before = dict(figures(old))
+    after = dict(figures(new))
+    common = [k for k in after if k in before]
+    width = max((len(k) for k in common), default=10)
+    lines = [f"{'figure':<{width}}  {'old':>10}  {'new':>10}  new/old"]
+    regressed = []
+    for key in common:
+        o, n = before[key], after[key]
+        ratio = n / o if o else None
+        sign = better(key)
+        worse = sign != 0 and (
+            (ratio is not None and (ratio - 1) * sign < -threshold)
+            or (ratio is None and sign < 0 and n > o)
+        )
+        improved = sign != 0 and ratio is not None and (ratio - 1) * sign > threshold
+        flag = "  REGRESSION" if worse else ("  better" if improved else "")
+        text = f"{ratio:7.2f}" if ratio is not None else ("    n/a" if n != o else "   1.00")
+        lines.append(f"{key:<{width}}  {o:>10.4g}  {n:>10.4g}  {text}{flag}")
+        if worse:
+            regressed.append(key)
+    changed = [
+        f"{k} {old[k]} -> {new[k]}"
+        for k in sorted(_SETTINGS | {"quick", "repeat", "storage"})
+        if k in old and k in new and old[k] != new[k] and not isinstance(old[k], dict | list)
+    ]
+    if changed:
+        lines.append("settings differ: " + ", ".join(changed))
+    for label, d in (("old", old), ("new", new)):
+        busy = d.get("machine", {}).get("busy")
+        if busy:
+            lines.append(f"BUSY MACHINE ({label} run): " + "; ".join(busy))
+    lines.append(
+        f"{len(common)} figures in both; "
+        + (
+            f"{len(regressed)} worse by more than {threshold:.0%}: {', '.join(regressed)}"
+            if regressed
+            else f"none worse by more than {threshold:.0%}"
+        )
+    )
+    return lines, regressed
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A benchmark's JSON file."""
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def print_compare(
+    base: Path | dict[str, Any], new: dict[str, Any], threshold: float, label: object = None
+) -> list[str]:
+    """Print :func:`compare` of ``base`` (a JSON file or its data) against ``new``; returns the
+    regressed figures."""
+    lines, regressed = compare(load(base) if isinstance(base, Path) else base, new, threshold)
+    print(f"== {new.get('scenario', 'new')} compared with {label or base}")
+    print("\n".join(lines), flush=True)
+    return regressed
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.report [--out DIR]``."""
-    ap = argparse.ArgumentParser(description=__doc__)
+    """``python -m benchmarks.report [--out DIR]`` or ``--compare BASE.json NEW.json``."""
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument(
+        "--compare", nargs=2, type=Path, metavar=("BASE.json", "NEW.json"), default=None
+    )
+    ap.add_argument("--threshold", type=float, default=0.15)
     ns = ap.parse_args(argv)
+    if ns.compare:
+        base, new = ns.compare
+        print_compare(base, load(new), ns.threshold)
+        return 0
     print(f"wrote {write(ns.out)}")
     return 0
 

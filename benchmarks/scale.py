@@ -6,12 +6,19 @@ in flight. The partner adds no task or timer of its own: each held POST is the c
 submit task waiting on one shared event, so the memory measured is the library's. Resident memory
 (VmRSS) is read as the count grows; a probe task sleeping 10 ms records how late it wakes
 (event-loop lag), while the count grows and while 10,000 are held.
+
+``--repeat N`` (default 3, 1 with ``--quick``) runs it N times, each in a fresh process, and
+reports the medians with min/max; ``--compare BASE.json`` then prints new/old ratios against an
+earlier ``scale.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,18 @@ from resilient_payout import (
 )
 from resilient_payout.storage.memory import MemoryStorage
 
-from ._common import machine, percentile, rss_kib, write_json
+from . import report
+from ._common import (
+    MachineWatch,
+    add_repeat_options,
+    machine_text,
+    percentile,
+    repeats,
+    rss_kib,
+    spread_text,
+    summarize,
+    write_json,
+)
 
 NAME = "scale"
 PROBE_S = 0.010
@@ -87,7 +105,7 @@ async def _scenario(total: int, step: int, hold: float) -> dict[str, Any]:
     async with (
         PayoutClient(
             storage=MemoryStorage(),
-            partner=partner,  # type: ignore[arg-type]
+            partner=partner,
             webhook_url="http://127.0.0.1:1/webhook",
             notifier=CallbackNotifier(push),
         ) as client,
@@ -137,31 +155,65 @@ async def _scenario(total: int, step: int, hold: float) -> dict[str, Any]:
     }
 
 
-def run(out: Path, quick: bool = False) -> dict[str, Any]:
-    """Prints the figures and writes ``scale.json``."""
-    total, step, hold = (2000, 500, 2.0) if quick else (10_000, 1000, 15.0)
-    started = machine()
-    result = anyio.run(_scenario, total, step, hold)
-    data = {"scenario": NAME, "quick": quick, "machine": started, **result}
-    write_json(out, NAME, data)
-    print(
-        f"scale: {result['in_flight']} in flight, RSS {result['rss_base_kib'] / 1024:.1f} -> "
-        f"{result['rss_final_kib'] / 1024:.1f} MiB = {result['rss_per_payout_bytes'] / 1024:.2f} "
-        f"KiB per payout | loop lag p99 {result['lag_hold']['p99_ms']:.2f} ms holding "
-        f"(max {result['lag_hold']['max_ms']:.1f}), {result['lag_ramp']['p99_ms']:.2f} ms "
-        f"ramping, {result['lag_drain']['p99_ms']:.2f} ms draining",
-        flush=True,
+def _sizes(quick: bool) -> tuple[int, int, float]:
+    return (2000, 500, 2.0) if quick else (10_000, 1000, 15.0)
+
+
+def _one(quick: bool, path: Path) -> dict[str, Any]:
+    """One run in a fresh process (no heap left over from an earlier run)."""
+    argv = [sys.executable, "-m", "benchmarks.scale", "--one", str(path)]
+    subprocess.run([*argv, *(["--quick"] if quick else [])], check=True, timeout=600)
+    result: dict[str, Any] = json.loads(path.read_text())
+    path.unlink()
+    return result
+
+
+def _line(r: dict[str, Any], label: str) -> str:
+    def f(key: str, spec: str = ".2f") -> str:
+        return spread_text(r, key, spec)
+
+    return (
+        f"scale {label}: {r['in_flight']} in flight, RSS {r['rss_base_kib'] / 1024:.1f} -> "
+        f"{r['rss_final_kib'] / 1024:.1f} MiB = {f('rss_per_payout_bytes', '.0f')} bytes "
+        f"({r['rss_per_payout_bytes'] / 1024:.2f} KiB) per payout | loop lag p99 "
+        f"{f('lag_hold.p99_ms')} ms holding (max {f('lag_hold.max_ms', '.1f')}), "
+        f"{f('lag_ramp.p99_ms')} ms ramping, "
+        f"{f('lag_drain.p99_ms')} ms draining"
     )
+
+
+def run(out: Path, quick: bool = False, repeat: int | None = None) -> dict[str, Any]:
+    """Prints the figures (per run, then the medians) and writes ``scale.json``."""
+    count = repeats(repeat, quick)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    with MachineWatch() as watch:
+        for i in range(count):
+            runs.append(_one(quick, out / f"scale-run-{i}.json"))
+            print(_line(runs[-1], f"run {i + 1}/{count}"), flush=True)
+    result = summarize(runs, "lag_hold.p99_ms")
+    if count > 1:
+        print(_line(result, f"median of {count}"), flush=True)
+    print(machine_text(watch.result), flush=True)
+    data = {"scenario": NAME, "quick": quick, "repeat": count, "machine": watch.result, **result}
+    write_json(out, NAME, data)
     return data
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.scale [--quick] [--out DIR]``."""
+    """``python -m benchmarks.scale [--quick] [--repeat N] [--out DIR] [--compare BASE.json]``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    add_repeat_options(ap)
+    ap.add_argument("--one", type=Path, default=None, help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
-    run(ns.out, ns.quick)
+    if ns.one:  # one run, for run(): its result as JSON
+        ns.one.write_text(json.dumps(anyio.run(_scenario, *_sizes(ns.quick))))
+        return 0
+    data = run(ns.out, ns.quick, ns.repeat)
+    if ns.compare:
+        report.print_compare(ns.compare, data, ns.threshold)
     return 0
 
 

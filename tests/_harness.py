@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
+
 from resilient_payout import CallbackNotifier, Payout, PayoutClient, PayoutStatus
 from resilient_payout.storage.memory import MemoryStorage
 from resilient_payout.testing import FakePartner, Script
@@ -38,6 +40,18 @@ async def running(
     partner.webhook_sink = client.handle_webhook
     async with client:
         yield client
+
+
+@asynccontextmanager
+async def crashing(
+    storage: MemoryStorage, partner: FakePartner, **kw: Any
+) -> AsyncIterator[tuple[PayoutClient, anyio.CancelScope]]:
+    """A running client that dies (cancelled: no drain, no cleanup writes, as a killed process)
+    when the test cancels the scope it yields."""
+    with anyio.CancelScope() as scope:
+        async with running(storage, partner, **kw) as client:
+            yield client, scope
+            await anyio.sleep_forever()
 
 
 async def settled(client: PayoutClient, payout_id: str, *, within: float) -> Payout:

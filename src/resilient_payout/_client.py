@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from ._errors import (
     InvalidRequest,
     PartnerReferenceTaken,
     PayoutAlreadyFinal,
+    ShuttingDown,
     StorageError,
     UnknownPayout,
     WebhookRejected,
 )
+from ._faults import adapter_fault
 from ._lifecycle import (
     CheckStatus,
     ConflictDetected,
@@ -39,6 +42,7 @@ from ._lifecycle import (
     Event,
     Notify,
     OperatorResolved,
+    OwnerGone,
     PartnerAnswered,
     ReferenceRefused,
     SendExpired,
@@ -67,7 +71,7 @@ from ._model import (
 )
 from ._policy import Policy
 from ._stats import ClientStats, bump
-from ._workers import CheckScheduler, DueWork, OutboxWork
+from ._workers import CheckScheduler, DueWork, Liveness, OutboxWork, owned_by
 from .notify import Notifier
 from .partner import Partner
 from .reconcile import CheckBudget, LocalCheckBudget
@@ -103,9 +107,11 @@ class SubmitResult:
 class PayoutClient:
     """Take transfer requests, drive them through the partner, report one outcome each.
 
-    Use it as an async context manager: entering opens storage and starts background work,
-    leaving stops it (without touching any payout: whatever was in flight is resumed by the
-    next process on the same storage).
+    Use it as an async context manager: entering opens storage, recovers what an earlier run
+    under the same ``instance_id`` left open, and starts background work; leaving drains it
+    (no new work, in-flight partner calls and pushes finish within ``policy.drain_timeout``,
+    the rest is handed over: see :meth:`begin_drain`). Leaving by cancellation stops at once,
+    as a crash would; the next process, or another instance watching, recovers it.
 
     Args:
         storage: where payouts live (e.g. ``storage_from_url("sqlite:///payouts.db")``).
@@ -115,7 +121,10 @@ class PayoutClient:
         policy: every number; ``Policy().scaled(f)`` for time-scaled runs.
         budget: the status-check budget; by default a :class:`LocalCheckBudget` from policy.
         clock: epoch time source; by default the event loop's clock anchored to the wall clock.
-        instance_id: names this process in leases; random by default.
+        instance_id: names this process in leases and as the owner of its open submits;
+            random by default. Keep it stable across restarts of one deployment slot (a pod's
+            name) and unique among live processes: a client entered under a name recovers at
+            once whatever that name held.
         on_conflict: called (sync or async) when a report disagrees with a final status.
         background: run background work (claims, checks, pushes); False for a process that
             only takes requests and webhooks.
@@ -176,33 +185,146 @@ class PayoutClient:
         self.due = DueWork(self)
         self.checks = CheckScheduler(self)
         self.outbox = OutboxWork(self, notifier) if notifier is not None else None
+        self.liveness = Liveness(self)
+        self._loops: anyio.CancelScope | None = None
+        """The claim loops: cancelled first when draining, while in-flight work goes on."""
+        self._busy = 0
+        self._idle = anyio.Event()
         self._tg: TaskGroup | None = None
         self._waiters: dict[str, set[_Waiter]] = {}
+        self._draining = False
 
     # -- lifecycle of the client itself ------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         await self.storage.open()
         self._warn_local_budget()
+        self._draining = False
+        # Before any new work: whatever this name held was left by an earlier run of it.
+        await self._recover_own()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        if self.background:
-            self._tg.start_soon(self.due.run, self._tg)
-            self._tg.start_soon(self.checks.run, self._tg)
-            if self.outbox is not None:
-                self._tg.start_soon(self.outbox.run, self._tg)
+        self._loops = anyio.CancelScope()
+        self._tg.start_soon(self._run_loops, self._tg)
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        """Drain, then stop: no new work; in-flight partner calls and pushes may finish for up
+        to ``policy.drain_timeout``; what is left is handed over, so that the next process (or
+        another instance) takes it at once instead of waiting out a lease.
+
+        Left by cancellation (or KeyboardInterrupt, SystemExit) the client stops at once, as a
+        crash would: the next process recovers what it held."""
+        self.begin_drain()
         tg, self._tg = self._tg, None
-        if tg is not None:
+        abrupt = exc_type is not None and not issubclass(exc_type, Exception)
+        if tg is not None and abrupt:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
+        elif tg is not None:
+            if self._loops is not None:
+                self._loops.cancel()
+            with anyio.move_on_after(self.policy.drain_timeout) as waited:
+                while self._busy:
+                    await self._idle.wait()
+            if waited.cancelled_caught:
+                self.stats.drains_cut_short += 1
+                log.warning(
+                    "drain: %d tasks still running after %.0fs; cancelling them and handing "
+                    "their payouts over",
+                    self._busy,
+                    self.policy.drain_timeout,
+                )
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.policy.check_timeout):
+                await self._hand_over()
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.event.set()
         if self.close_storage:
-            await self.storage.close()
+            with anyio.CancelScope(shield=True):
+                await self.storage.close()
+
+    async def _run_loops(self, tg: TaskGroup) -> None:
+        assert self._loops is not None
+        with self._loops:
+            async with anyio.create_task_group() as loops:
+                # Every client beats (its submits are open work); only background ones watch.
+                loops.start_soon(self.liveness.run, self.background)
+                if not self.background:
+                    return
+                loops.start_soon(self.due.run, tg)
+                loops.start_soon(self.checks.run, tg)
+                if self.outbox is not None:
+                    loops.start_soon(self.outbox.run, tg)
+
+    def spawn(self, tg: TaskGroup, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Start a task a drain waits for (a submit, a check, a push): counted from now, not
+        from when it first runs, so a drain that begins in between still waits for it."""
+        self._busy += 1
+
+        async def counted() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
+                    self._idle = anyio.Event()
+
+        tg.start_soon(counted)
+
+    async def _recover_own(self) -> None:
+        """An earlier run under this ``instance_id`` died holding these: recover them now."""
+        held = await owned_by(self, self.instance_id)
+        if held:
+            log.warning(
+                "instance %s restarted: recovering %d payouts it held",
+                self.instance_id,
+                len(held),
+            )
+        for p in held:
+            with self.guard(p.id, "recovering it after a restart"):
+                await self._apply(p, OwnerGone(self.instance_id))
+                self.stats.takeovers += 1
+
+    async def _hand_over(self) -> None:
+        """After a drain: POSTs it cut short become ``unknown`` and due now; claimed work and
+        pushes are released; this instance leaves the liveness registry."""
+        # Storage, not memory, says what this name holds: also payouts created and never POSTed.
+        with self.guard(self.instance_id, "listing what it holds"):
+            for p in await owned_by(self, self.instance_id):
+                with self.guard(p.id, "handing it over"):
+                    await self._apply(p, OwnerGone(self.instance_id))
+                    self.stats.handed_over += 1
+        for p in self.due.unreleased():
+            with self.guard(p.id, "releasing its lease"):
+                if await self.storage.compare_and_set(p, expected_version=p.version):
+                    self.stats.handed_over += 1
+        if self.outbox is not None:
+            await self.outbox.hand_back()
+        with self.guard(self.instance_id, "leaving the liveness registry"):
+            await self.storage.forget_instance(self.instance_id)
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`begin_drain` was called (or the client is leaving): no new work."""
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """Stop taking new work, at once (idempotent): :meth:`submit` raises
+        :class:`~resilient_payout.ShuttingDown`, long-polls return, background loops claim
+        nothing more. In-flight partner calls and pushes go on; leaving ``async with`` waits for
+        them up to ``policy.drain_timeout``. Call it on SIGTERM before the server stops
+        listening, so that readiness turns 503 first."""
+        if self._draining:
+            return
+        self._draining = True
+        log.info("draining: no new work is taken")
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.event.set()
 
     def _warn_local_budget(self) -> None:
         shared = type(self.storage).__module__.rsplit(".", 1)[-1] in ("postgres", "redis")
@@ -233,10 +355,27 @@ class PayoutClient:
         :class:`~resilient_payout.InvalidRequest`.
         """
         tg = self._group()
+        if self._draining:
+            raise ShuttingDown("this instance is shutting down; retry (another instance takes it)")
         req = request if isinstance(request, PayoutRequest) else PayoutRequest.parse(request)
         now = self.clock.now()
-        candidate = Payout.new(req, now, next_check_at=now + self.policy.claim_grace)
-        stored, created = await self.storage.create_if_absent(candidate)
+        new = Payout.new(
+            req,
+            now,
+            next_check_at=now + self.policy.claim_grace,
+            owner=self.instance_id,
+            nonce=secrets.token_hex(8),
+        )
+        # Created straight into ``submitting`` (one durable write, not two): this process POSTs
+        # it at once. A crash before the POST leaves an uncertain attempt, recovered as any.
+        decision = decide(new, SubmitNow(Cause.APP_REQUEST), now, self.policy, self.instance_id)
+        stored, created = await self.storage.create_if_absent(decision.payout)
+        if not created and stored.nonce == new.nonce:
+            # Our own create: it committed, its reply was lost and the retried insert found it.
+            self.stats.submits += 1
+            if stored.version == 1:  # untouched since: nobody else may POST it
+                self.spawn(tg, self._act_guarded, stored, decision)
+            return SubmitResult(stored, replayed=False)
         if not created:
             if not req.matches(stored.fingerprint):
                 self.stats.idempotency_conflicts += 1
@@ -244,7 +383,7 @@ class PayoutClient:
             self.stats.replays += 1
             return SubmitResult(stored, replayed=True)
         self.stats.submits += 1
-        tg.start_soon(self._run_guarded, stored, SubmitNow(Cause.APP_REQUEST))
+        self.spawn(tg, self._act_guarded, stored, decision)
         return SubmitResult(stored, replayed=False)
 
     async def get(self, payout_id: str) -> Payout:
@@ -275,7 +414,7 @@ class PayoutClient:
                         # Finalized by this process: the record it wrote, without a read.
                         return waiter.final
                     p = await self.get(payout_id)
-                    if p.is_final or self._tg is None:
+                    if p.is_final or self._tg is None or self._draining:
                         return p
             return await self.get(payout_id)
         finally:
@@ -412,7 +551,7 @@ class PayoutClient:
         for _ in range(_MAX_RACES):
             if precondition is not None:
                 precondition(current)
-            decision = decide(current, event, self.clock.now(), self.policy)
+            decision = decide(current, event, self.clock.now(), self.policy, self.instance_id)
             if decision.payout is current:
                 await self._act(current, decision)
                 return current
@@ -449,6 +588,7 @@ class PayoutClient:
         return None
 
     def _written(self, before: Payout, stored: Payout, notified: bool) -> None:
+        self.due.written(stored.id)
         if stored.is_final and notified and stored.resolved_by is not None:
             bump(self.stats.resolved, stored.resolved_by.value)
         if stored.is_final:
@@ -504,7 +644,9 @@ class PayoutClient:
         )
         try:
             outcome = await self.partner.submit(request)
-        except Exception as exc:
+        except BaseException as exc:
+            if not adapter_fault(exc):
+                raise
             # A Partner must not raise, but one that does may have sent the request already.
             log.exception("payout %s: the partner's submit raised; outcome uncertain", payout.id)
             outcome = Uncertain(f"partner adapter raised {type(exc).__name__}")
@@ -555,6 +697,11 @@ class PayoutClient:
         except Exception:
             self.stats.work_errors += 1
             log.exception("payout %s: unexpected error %s", payout_id, doing)
+
+    async def _act_guarded(self, payout: Payout, decision: Decision) -> None:
+        async with self.limiter:
+            with self.guard(payout.id, "submitting it"):
+                await self._act(payout, decision)
 
     async def _run_guarded(self, payout: Payout, event: Event) -> None:
         async with self.limiter:

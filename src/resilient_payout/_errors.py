@@ -18,7 +18,9 @@ Everything the library raises on purpose derives from :class:`PayoutError`::
     │   ├── StorageUnavailable    the backend cannot be reached right now; retry later
     │   ├── ConcurrencyError      a compare-and-set kept losing races; retry later
     │   └── PartnerReferenceTaken another payout already holds this partner reference
+    ├── Overloaded                this process is at its bound of work in flight; retry later
     └── ClientNotRunning          PayoutClient used outside ``async with``
+        └── ShuttingDown          the client is draining (SIGTERM, a deploy); retry elsewhere
 
 Partner failures are *not* exceptions: the partner adapter classifies every answer into a
 typed outcome (see :mod:`resilient_payout.partner`) because each one is an ordinary event of
@@ -41,9 +43,11 @@ __all__ = [
     "InvalidWebhook",
     "MissingExtra",
     "NotificationFailed",
+    "Overloaded",
     "PartnerReferenceTaken",
     "PayoutAlreadyFinal",
     "PayoutError",
+    "ShuttingDown",
     "StorageError",
     "StorageUnavailable",
     "UnknownPayout",
@@ -159,3 +163,25 @@ class PartnerReferenceTaken(StorageError):
 
 class ClientNotRunning(PayoutError, RuntimeError):
     """The PayoutClient must be entered with ``async with`` before use."""
+
+
+class ShuttingDown(ClientNotRunning):
+    """The client is draining before it exits: it takes no new work, and finishes what it has.
+
+    Nothing was written. Another instance (or this one once restarted) takes the request;
+    ``retry_after`` is a hint in seconds.
+    """
+
+    def __init__(self, message: str = "shutting down", *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(PayoutError):
+    """This process already holds as much work as it was sized for; the request was refused
+    before anything was written, so a retry (here after ``retry_after`` seconds, or at another
+    instance) is safe."""
+
+    def __init__(self, message: str = "overloaded", *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -64,6 +64,7 @@ __all__ = [
     "Event",
     "Notify",
     "OperatorResolved",
+    "OwnerGone",
     "PartnerAnswered",
     "ReferenceRefused",
     "SendExpired",
@@ -144,6 +145,14 @@ class OperatorResolved:
 
 
 @dataclass(frozen=True, slots=True)
+class OwnerGone:
+    """Instance ``owner``, which held the payout's open work, stopped: it restarted under the
+    same name, it stopped beating, or it is leaving and hands its leftovers over."""
+
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReferenceRefused:
     """Storage refused to give this payout ``partner_ref``: payout ``holder_id`` holds it."""
 
@@ -159,6 +168,7 @@ Event = (
     | WebhookReceived
     | StatusChecked
     | OperatorResolved
+    | OwnerGone
     | ReferenceRefused
 )
 """Every input ``decide`` accepts: one of the event classes above."""
@@ -213,16 +223,39 @@ class Decision(NamedTuple):
 # --- the function -------------------------------------------------------------------------
 
 
-def decide(p: Payout, event: Event, now: float, policy: Policy) -> Decision:
-    """The next state of ``p`` after ``event`` at time ``now``, and what to do about it."""
+def decide(
+    p: Payout, event: Event, now: float, policy: Policy, actor: str | None = None
+) -> Decision:
+    """The next state of ``p`` after ``event`` at time ``now``, and what to do about it.
+
+    ``actor`` names the client instance that will carry out the effects: a POST it is asked to
+    make records it as the payout's :attr:`~resilient_payout.Payout.owner`.
+    """
     if isinstance(event, ReferenceRefused):
         detail = f"partner reference {event.partner_ref!r} is held by payout {event.holder_id!r}"
         return _conflict(p, now, p.status, Cause.RECOVERY, "reference_taken", detail)
     decision = _after_final(p, event, now) if p.status.is_final else _decide(p, event, now, policy)
+    decision = _owned(p, decision, actor)
     ref = _named_ref(p, event)
     if ref is None or ref == decision.payout.partner_ref:
         return decision
     return _take_ref(decision, ref, now)
+
+
+def _owned(p: Payout, decision: Decision, actor: str | None) -> Decision:
+    """Open work belongs to whoever does it: a POST to the actor; nothing once it is done."""
+    new = decision.payout
+    if new is p:
+        return decision
+    if any(isinstance(e, SubmitToPartner) for e in decision.effects):
+        owner = actor
+    elif new.status is S.SUBMITTING or (new.status is S.RECEIVED and p.status is S.RECEIVED):
+        owner = new.owner
+    else:
+        owner = None
+    if owner == new.owner:
+        return decision
+    return Decision(replace(new, owner=owner), decision.effects)
 
 
 def _decide(p: Payout, event: Event, now: float, policy: Policy) -> Decision:
@@ -233,6 +266,8 @@ def _decide(p: Payout, event: Event, now: float, policy: Policy) -> Decision:
             return Decision(p)
         case WorkDue():
             return _on_due(p, now, policy)
+        case OwnerGone(owner=owner):
+            return _on_owner_gone(p, owner, now, policy)
         case PartnerAnswered(attempt=attempt, outcome=outcome):
             if attempt != p.attempt:
                 return Decision(p)
@@ -339,8 +374,9 @@ def plan_next_check(p: Payout, now: float, policy: Policy) -> float:
 
     ``unknown``: nothing lands before ``earliest_landing`` or after ``latest_landing``, so routine
     checks run between the two, at least ``check_interval`` apart, and one more just after the
-    late-arrival window confirms absence. ``awaiting``: the webhook gets ``webhook_grace`` first,
-    then checks back off from ``check_interval`` to ``max_check_interval``. Eligible is not
+    late-arrival window confirms absence. ``awaiting``: the webhook gets ``webhook_grace`` after
+    the POST's answer first (no grace when only a check saw it pending: the answer is still to
+    come), then checks back off from ``check_interval`` to ``max_check_interval``. Eligible is not
     sent: the client's scheduler spends the budget on eligible payouts most-overdue first, so
     under load the spacing stretches evenly (docs/reconciliation.md).
     """
@@ -352,10 +388,8 @@ def plan_next_check(p: Payout, now: float, policy: Policy) -> float:
             return max(now, confirm)
         at = max(now, start + policy.earliest_landing) + policy.check_interval
         return at if at <= start + policy.latest_landing else confirm
-    base = p.answered_at if p.answered_at is not None else now
-    first = base + policy.webhook_grace
-    if now < first:
-        return first
+    if p.answered_at is not None and now < p.answered_at + policy.webhook_grace:
+        return p.answered_at + policy.webhook_grace
     backoff = policy.check_interval * 2.0 ** min(max(0, p.checks - 3), 32)
     at = now + min(backoff, policy.max_check_interval)
     # The confirming check right after the window must not be skipped by a long backoff.
@@ -477,6 +511,26 @@ def _conflict(
     return Decision(new, (ConflictDetected(reported, cause, detail),))
 
 
+def _on_owner_gone(p: Payout, owner: str, now: float, policy: Policy) -> Decision:
+    """The instance holding this payout's open work stopped: recover it now, not by a timer."""
+    if p.owner != owner:
+        return Decision(p)  # someone else's, or already recovered
+    if p.status is S.RECEIVED:
+        # Never POSTed by its creator: anyone may POST it, at once.
+        detail = f"instance {owner} stopped before sending; handed over"
+        moved = _move(p, S.RECEIVED, now, Cause.RECOVERY, "owner_gone", detail, next_check_at=now)
+        return Decision(replace(moved, owner=None))
+    if p.status is not S.SUBMITTING:
+        return Decision(p)
+    # The POST may have landed: an uncertain outcome, checked at once (a final status settles
+    # it, pending makes it awaiting, a 404 proves nothing before the window ends).
+    detail = f"instance {owner} stopped before the partner answered"
+    moved = _move(p, S.UNKNOWN, now, Cause.RECOVERY, "owner_gone", detail)
+    if may_resend(moved, now, policy):
+        return _resend(moved, now, policy)  # the same key: the partner dedupes it
+    return Decision(replace(moved, next_check_at=now))
+
+
 def _on_due(p: Payout, now: float, policy: Policy) -> Decision:
     if p.next_check_at is None or now < p.next_check_at:
         return Decision(p)
@@ -490,7 +544,7 @@ def _on_due(p: Payout, now: float, policy: Policy) -> Decision:
         )
         if may_resend(moved, now, policy):
             return _resend(moved, now, policy)  # the same key: the partner dedupes it
-        return Decision(replace(moved, next_check_at=plan_next_check(moved, now, policy)))
+        return Decision(replace(moved, next_check_at=now))  # checked at once
     if may_resend(p, now, policy):
         return _resend(p, now, policy)
     return Decision(p, (CheckStatus(p.attempt),))
@@ -507,7 +561,12 @@ def _on_partner_status(
     return Decision(p)
 
 
-def _to_awaiting(p: Payout, now: float, policy: Policy, cause: Cause, event: str) -> Decision:
+def _to_awaiting(
+    p: Payout, now: float, policy: Policy, cause: Cause, event: str, *, answered: bool = True
+) -> Decision:
+    """``answered=False``: a status check found the transfer pending, but the POST's own answer
+    never reached us (its caller died, or it timed out): it comes within seconds, so checks
+    start at once instead of after the webhook's grace."""
     moved = _move(
         p,
         S.AWAITING,
@@ -515,7 +574,7 @@ def _to_awaiting(p: Payout, now: float, policy: Policy, cause: Cause, event: str
         cause,
         event,
         "partner has it (pending)",
-        answered_at=now,
+        answered_at=now if answered else None,
         partner_status=PartnerStatus.PENDING,
     )
     return Decision(replace(moved, next_check_at=plan_next_check(moved, now, policy)))
@@ -615,7 +674,7 @@ def _on_check(
             if ps.payout_status is not None:
                 return _on_partner_status(counted, ps, now, policy, cause, "check")
             if p.status is S.UNKNOWN:
-                return _to_awaiting(counted, now, policy, cause, "check")
+                return _to_awaiting(counted, now, policy, cause, "check", answered=False)
             return Decision(replace(counted, next_check_at=plan_next_check(counted, now, policy)))
         case NotFound():
             if p.status is S.AWAITING:

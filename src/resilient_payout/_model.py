@@ -376,11 +376,29 @@ class Payout:
     resolved_by: Cause | None = None
     partner_ref: str | None = None
     """The partner's own reference for this transfer, once it named one (unique per payout)."""
+    owner: str | None = None
+    """The client instance holding this payout's open work: the one that created it (while
+    ``received``) or whose POST is in flight (``submitting``); None otherwise. When that
+    instance is gone, the payout is recovered at once (``owner_gone``), not after a timer."""
+    nonce: str | None = None
+    """Random per creating call: lets the creator recognize its own record when storage
+    answered a create that had in fact committed as "exists" (a retried insert after a lost
+    reply), so a new request is never taken for a replay."""
     audit: tuple[AuditEntry, ...] = ()
 
     @classmethod
-    def new(cls, request: PayoutRequest, now: float, *, next_check_at: float) -> Payout:
+    def new(
+        cls,
+        request: PayoutRequest,
+        now: float,
+        *,
+        next_check_at: float,
+        owner: str | None = None,
+        nonce: str | None = None,
+    ) -> Payout:
         return cls(
+            owner=owner,
+            nonce=nonce,
             id=request.id,
             fingerprint=request.fingerprint(),
             status=PayoutStatus.RECEIVED,
@@ -422,6 +440,8 @@ class Payout:
             "reason": self.reason,
             "resolved_by": self.resolved_by.value if self.resolved_by else None,
             "partner_ref": self.partner_ref,
+            "owner": self.owner,
+            "nonce": self.nonce,
             "audit": [a.to_dict() for a in self.audit],
         }
 
@@ -450,6 +470,8 @@ class Payout:
             reason=d.get("reason"),
             resolved_by=Cause(rb) if rb else None,
             partner_ref=d.get("partner_ref"),  # absent in documents written before 0.2
+            owner=d.get("owner"),
+            nonce=d.get("nonce"),
             audit=tuple(AuditEntry.from_dict(a) for a in d.get("audit", ())),
         )
 

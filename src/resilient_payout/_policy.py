@@ -122,6 +122,19 @@ class Policy:
     poll_interval: float = _seconds(1.0, "How often storage is scanned for due work")
     max_concurrent_work: int = 10_000
     """Background tasks (submits, checks) in flight at once in one process."""
+    drain_timeout: float = _seconds(
+        50.0,
+        "On leaving the client (SIGTERM, a deploy): how long in-flight partner calls and pushes "
+        "may still finish. Long enough for a partner answer: connect + read timeout + margin.",
+    )
+    heartbeat_interval: float = _seconds(
+        1.0, "How often a running client marks itself alive in storage, and reads the others' marks"
+    )
+    takeover_after: float = _seconds(
+        5.0,
+        "An instance whose mark has not changed for this long (by the watcher's own clock) is "
+        "presumed dead: its open submits are checked at once (never re-POSTed blindly)",
+    )
 
     # -- notifications -----------------------------------------------------------------------
     notify_timeout: float = _seconds(10.0, "Timeout of one push to the app's backend")

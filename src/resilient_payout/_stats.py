@@ -33,6 +33,13 @@ class ClientStats:
     partner_refs_refused: int = 0
     """Partner references storage refused because another payout holds them (conflicts)."""
     recovered_orphans: int = 0
+    takeovers: int = 0
+    """Payouts recovered at once from an instance that died (restarted under the same name, or
+    silent past ``takeover_after``): ``owner_gone`` in their audit trail."""
+    handed_over: int = 0
+    """Payouts and claims this client handed over when a drain ended (cut-short POSTs, leases)."""
+    drains_cut_short: int = 0
+    """Drains that reached ``drain_timeout`` with work still running."""
     conflicts: int = 0
     hook_errors: int = 0
     sends_expired: int = 0

@@ -5,6 +5,8 @@
 * :class:`CheckScheduler` spends each status-check token on the best eligible payout at the
   moment the token is granted (docs/reconciliation.md).
 * :class:`OutboxWork` claims undelivered outcomes and pushes them to the app.
+* :class:`Liveness` marks this instance alive in storage and recovers, at once, the open submits
+  of an instance whose mark stopped changing (docs/reliability.md, "Restarts").
 
 Work is claimed from storage with a lease, so a restarted or second process picks up whatever a
 dead one left; none of these loops changes a payout except through :meth:`PayoutClient._apply`.
@@ -20,20 +22,24 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._errors import StorageError
-from ._lifecycle import StatusChecked, WorkDue
+from ._faults import adapter_fault
+from ._lifecycle import OwnerGone, StatusChecked, WorkDue
 from ._model import CheckFailed, OutboxEntry, Payout, PayoutStatus, RateLimited
 from .notify import Notifier, deliver_with_retries, next_round_delay
+from .storage import PayoutQuery
 
 if TYPE_CHECKING:
     from ._client import PayoutClient
 
-__all__ = ["CheckScheduler", "DueWork", "OutboxWork"]
+__all__ = ["CheckScheduler", "DueWork", "Liveness", "OutboxWork", "owned_by"]
 
 log = logging.getLogger("resilient_payout")
 
 CLAIM_BATCH: Final = 200
 _MIN_WAIT: Final = 0.001
 _OPEN: Final = (PayoutStatus.UNKNOWN, PayoutStatus.AWAITING)
+_HELD: Final = frozenset({PayoutStatus.RECEIVED, PayoutStatus.SUBMITTING})
+"""The statuses whose work belongs to one instance (``Payout.owner``)."""
 
 
 class DueWork:
@@ -42,6 +48,8 @@ class DueWork:
     def __init__(self, client: PayoutClient) -> None:
         self._client = client
         self._running: set[str] = set()
+        self._leased: dict[str, Payout] = {}
+        """Claimed records whose lease no write has released yet (see :meth:`unreleased`)."""
         self._wake = anyio.Event()
 
     def wake(self) -> None:
@@ -50,6 +58,16 @@ class DueWork:
     def done(self, payout_id: str) -> None:
         """The work on ``payout_id`` is over (it may be claimed again when due)."""
         self._running.discard(payout_id)
+
+    def written(self, payout_id: str) -> None:
+        """A compare-and-set of ``payout_id`` succeeded: it released our lease."""
+        self._leased.pop(payout_id, None)
+
+    def unreleased(self) -> list[Payout]:
+        """Claimed records still leased to us, as claimed: rewriting one unchanged (a
+        compare-and-set on its claimed version) hands it to whoever is next, at once."""
+        leased, self._leased = list(self._leased.values()), {}
+        return leased
 
     async def run(self, tg: TaskGroup) -> None:
         client = self._client
@@ -65,9 +83,10 @@ class DueWork:
                 log.warning("claiming due work failed, retrying: %s", exc)
                 batch, nxt = [], None
             for p in batch:
+                self._leased[p.id] = p
                 if p.id not in self._running:
                     self._running.add(p.id)
-                    tg.start_soon(client._run_guarded, p, WorkDue())
+                    client.spawn(tg, client._run_guarded, p, WorkDue())
             if len(batch) == CLAIM_BATCH:
                 await anyio.lowlevel.checkpoint()
                 continue
@@ -127,7 +146,7 @@ class CheckScheduler:
                 continue  # settled by a webhook or answer while we waited: token unused
             best = min(self._queue.values(), key=self._priority)
             del self._queue[best.id]
-            tg.start_soon(self._check, best)
+            self._client.spawn(tg, self._check, best)
 
     async def _check(self, payout: Payout) -> None:
         client = self._client
@@ -147,7 +166,9 @@ class CheckScheduler:
         sent_at = client.clock.now()  # before the GET: a 404 is judged by when it left
         try:
             outcome = await client.partner.check(fresh.id, fresh.partner_ref)
-        except Exception as exc:
+        except BaseException as exc:
+            if not adapter_fault(exc):
+                raise
             log.exception("payout %s: the partner's check raised", payout.id)
             outcome = CheckFailed(f"partner adapter raised {type(exc).__name__}")
         if isinstance(outcome, RateLimited):
@@ -181,6 +202,8 @@ class OutboxWork:
         self._client = client
         self._notifier = notifier
         self._wake = anyio.Event()
+        self.in_flight: set[str] = set()
+        """Payout ids whose entry this process has claimed and not yet settled."""
 
     def wake(self) -> None:
         self._wake.set()
@@ -204,7 +227,8 @@ class OutboxWork:
                 log.warning("claiming outbox entries failed, retrying: %s", exc)
                 entries = []
             for entry in entries:
-                tg.start_soon(self._deliver, entry)
+                self.in_flight.add(entry.payout_id)
+                client.spawn(tg, self._deliver, entry)
             if len(entries) == CLAIM_BATCH:
                 await anyio.lowlevel.checkpoint()
                 continue
@@ -226,6 +250,17 @@ class OutboxWork:
                     await client.storage.ack_outbox(entry.payout_id, delivered_at=now)
                 else:
                     await self._refused(entry)
+                self.in_flight.discard(entry.payout_id)
+
+    async def hand_back(self) -> None:
+        """Release the entries whose push a drain cut short: due again now, elsewhere."""
+        client = self._client
+        for payout_id in sorted(self.in_flight):
+            with client.guard(payout_id, "handing its push back"):
+                await client.storage.retry_outbox(
+                    payout_id, next_attempt_at=client.clock.now(), error="push cut short by exit"
+                )
+        self.in_flight.clear()
 
     async def _refused(self, entry: OutboxEntry) -> None:
         client = self._client
@@ -247,3 +282,78 @@ class OutboxWork:
         await client.storage.retry_outbox(
             entry.payout_id, next_attempt_at=now + delay, error="push not acknowledged"
         )
+
+
+class Liveness:
+    """Marks this instance alive in storage every ``heartbeat_interval``, and watches the others.
+
+    An instance whose mark has not changed for ``takeover_after`` (measured on this process's own
+    clock, so clocks of two machines apart do not matter) is presumed dead: each payout it held
+    gets :class:`~resilient_payout._lifecycle.OwnerGone`, which makes an open POST ``unknown`` and
+    checks it at once. A wrong guess (an instance alive but stalled) costs a status check, never a
+    second POST: an uncertain attempt is re-sent only with the same idempotency key, or after its
+    absence is confirmed.
+    """
+
+    def __init__(self, client: PayoutClient) -> None:
+        self._client = client
+        self._seen: dict[str, tuple[float, float]] = {}
+        """instance -> (its mark, our loop time when we first saw that mark)."""
+
+    async def run(self, watch: bool) -> None:
+        client = self._client
+        while True:
+            try:
+                await client.storage.beat(client.instance_id, client.clock.now())
+                marks = await client.storage.instances() if watch else {}
+            except StorageError as exc:
+                log.warning("heartbeat failed, retrying: %s", exc)
+                marks = {}
+            if watch:
+                await self._watch(marks)
+            await anyio.sleep(client.policy.heartbeat_interval)
+
+    async def _watch(self, marks: dict[str, float]) -> None:
+        client = self._client
+        here = anyio.current_time()
+        for instance in set(self._seen) - set(marks):
+            del self._seen[instance]  # forgotten: it left cleanly, or was taken over
+        for instance, mark in marks.items():
+            if instance == client.instance_id:
+                continue
+            seen = self._seen.get(instance)
+            if seen is None or seen[0] != mark:
+                self._seen[instance] = (mark, here)
+            elif here - seen[1] >= client.policy.takeover_after:
+                await self._take_over(instance)
+
+    async def _take_over(self, instance: str) -> None:
+        client = self._client
+        with client.guard(instance, "taking over a silent instance"):
+            held = await owned_by(client, instance)
+            log.warning(
+                "instance %s silent for %.1fs: recovering its %d open payouts",
+                instance,
+                client.policy.takeover_after,
+                len(held),
+            )
+            for p in held:
+                with client.guard(p.id, "recovering it from a silent instance"):
+                    await client._apply(p, OwnerGone(instance))
+                    client.stats.takeovers += 1
+            await client.storage.forget_instance(instance)
+            self._seen.pop(instance, None)
+
+
+async def owned_by(client: PayoutClient, instance: str) -> list[Payout]:
+    """The payouts whose open work ``instance`` holds (``received`` or ``submitting``)."""
+    found: list[Payout] = []
+    cursor: str | None = None
+    while True:
+        page = await client.storage.list_payouts(
+            PayoutQuery(statuses=_HELD, limit=500, cursor=cursor)
+        )
+        found.extend(p for p in page.items if p.owner == instance)
+        if page.next_cursor is None:
+            return found
+        cursor = page.next_cursor

@@ -26,7 +26,22 @@ variable            default                     meaning
 ``RP_PORT``         ``3200``                    port ``serve`` listens on
 ``RP_MAX_WAIT``     ``30``                      cap of ``Prefer: wait`` and ``?wait=``, in real
                                                 seconds (not scaled)
+``RP_INSTANCE_ID``  random per process          this process's name in storage; keep it stable
+                                                across restarts of one slot (pod name) so a
+                                                restarted instance recovers its own open
+                                                submits at once; unique among live processes
 ==================  ==========================  =================================================
+
+Only ``resilient-payout serve`` reads these (docs/deploying.md):
+
+=====================  =======  ============================================================
+variable               default  meaning
+=====================  =======  ============================================================
+``RP_WORKERS``         ``1``    processes sharing one listening socket, each its own client
+                                named ``<RP_INSTANCE_ID or host name>-<i>``
+``RP_SHUTDOWN_DELAY``  ``0``    real seconds from SIGTERM (readiness 503 at once) until the
+                                listener closes, e.g. the load balancer's readiness period
+=====================  =======  ============================================================
 
 Routes and paths (docs/embedding.md); a path is ``/`` then segments of ``[A-Za-z0-9._~-]``:
 
@@ -59,6 +74,12 @@ variable                         default     meaning
 ``RP_WEBHOOK_TOLERANCE``         ``300``     seconds a webhook timestamp may be off, both ways
 ``RP_MAX_TRANSACTION_BODY``      ``16384``   bytes; a larger ``POST /transaction`` is a 413
 ``RP_MAX_WEBHOOK_BODY``          ``65536``   bytes; a larger ``POST /webhook`` is a 413
+``RP_MAX_INFLIGHT_SUBMITS``      ``64``      ``POST /transaction`` requests handled at once;
+                                             one more is a 503 ``overloaded`` before its body
+                                             is read (nothing written); ``0``: no bound
+``RP_MAX_LOOP_LAG``              ``0.01``    seconds the event loop may be behind before a
+                                             ``POST /transaction`` is a 503 ``overloaded``
+                                             (the same way); ``0``: no bound
 ``RP_ID_FORMAT``                 ``token``   ``token``: 1-128 of ``[A-Za-z0-9._:-]``, starting
                                              alphanumeric; ``uuid``: a lowercase canonical UUID
 ``RP_EXTRA_FIELDS``              ``allow``   ``allow``: fields besides ``id`` are kept and part
@@ -93,6 +114,7 @@ from ._urls import redact_url as _redact
 from .storage import storage_from_url
 from .webhooks import (
     RejectReason,
+    ReplayStore,
     StandardWebhookVerifier,
     UnsignedWebhooks,
     WebhookAuthError,
@@ -120,6 +142,8 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "RP_WEBHOOK_TOLERANCE": "webhook_tolerance",
     "RP_MAX_TRANSACTION_BODY": "max_transaction_body",
     "RP_MAX_WEBHOOK_BODY": "max_webhook_body",
+    "RP_MAX_INFLIGHT_SUBMITS": "max_inflight_submits",
+    "RP_MAX_LOOP_LAG": "max_loop_lag",
     "RP_ID_FORMAT": "id_format",
     "RP_EXTRA_FIELDS": "extra_fields",
     "RP_ADMIN_TOKEN": "admin_token",
@@ -131,6 +155,9 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "RP_METRICS_PATH": "metrics_path",
     "RP_PUSH_PATH": "push_path",
     "RP_EXPOSE_PARTNER_REF": "expose_partner_ref",
+    "RP_INSTANCE_ID": "instance_id",
+    "RP_WORKERS": "workers",
+    "RP_SHUTDOWN_DELAY": "shutdown_delay",
 }
 """Environment variable -> :class:`ServiceSettings` field."""
 
@@ -177,6 +204,8 @@ class ServiceSettings(BaseModel):
     webhook_tolerance: float = Field(default=300.0, gt=0, allow_inf_nan=False)
     max_transaction_body: int = Field(default=16 * 1024, ge=64, le=1024 * 1024)
     max_webhook_body: int = Field(default=_MAX_WEBHOOK_BODY, ge=64, le=_MAX_WEBHOOK_BODY)
+    max_inflight_submits: int = Field(default=64, ge=0, le=100_000)
+    max_loop_lag: float = Field(default=0.01, ge=0, le=60, allow_inf_nan=False)
     id_format: Literal["token", "uuid"] = "token"
     extra_fields: Literal["allow", "forbid"] = "allow"
     admin_token: SecretStr | None = None
@@ -188,6 +217,9 @@ class ServiceSettings(BaseModel):
     metrics_path: str = "/metrics"
     push_path: str = "/transaction"
     expose_partner_ref: bool = False
+    instance_id: str | None = Field(default=None, min_length=1, max_length=100)
+    workers: int = Field(default=1, ge=1, le=256)
+    shutdown_delay: float = Field(default=0.0, ge=0, le=3600, allow_inf_nan=False)
 
     @field_validator("admin_token")
     @classmethod
@@ -302,13 +334,15 @@ class ServiceSettings(BaseModel):
         base = Policy(check_rate=self.check_rate, check_burst=self.check_burst)
         return base if self.time_scale == 1 else base.scaled(self.time_scale)
 
-    def webhook_verifier(self) -> WebhookVerifier:
-        """A :class:`StandardWebhookVerifier` with the secrets; with none, unsigned webhooks are
-        accepted only if ``allow_unsigned_webhooks``, else every webhook is rejected (401)."""
+    def webhook_verifier(self, replay_store: ReplayStore | None = None) -> WebhookVerifier:
+        """A :class:`StandardWebhookVerifier` with the secrets (and ``replay_store``: by default
+        one in this process's memory); with none, unsigned webhooks are accepted only if
+        ``allow_unsigned_webhooks``, else every webhook is rejected (401)."""
         if self.webhook_secrets:
             return StandardWebhookVerifier(
                 [s.get_secret_value() for s in self.webhook_secrets],
                 tolerance=self.webhook_tolerance,
+                replay_store=replay_store,
             )
         return UnsignedWebhooks() if self.allow_unsigned_webhooks else NoWebhookSecret()
 

@@ -38,9 +38,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from ._errors import InvalidWebhook, WebhookAuthError
 from ._model import ID_PATTERN, PartnerStatus
+from ._replay import PostgresReplayStore, RedisReplayStore
 
 __all__ = [
     "InMemoryReplayStore",
+    "PostgresReplayStore",
+    "RedisReplayStore",
     "RejectReason",
     "ReplayStore",
     "StandardWebhookVerifier",
@@ -186,7 +189,8 @@ class StandardWebhookVerifier:
         tolerance: seconds a timestamp may be off ``now``, both ways (clock skew, retries).
         replay_store: remembers accepted ids until their timestamp leaves the window (older
             messages are stale anyway); an :class:`InMemoryReplayStore` by default, which is
-            per process: several processes behind one URL need a shared store.
+            per process: several processes behind one URL need a shared store
+            (:class:`RedisReplayStore`, :class:`PostgresReplayStore`).
 
     ``rejected`` counts rejections by :class:`RejectReason`. Secrets never appear in messages.
     """

@@ -20,10 +20,12 @@ from urllib.parse import urlsplit
 from ._client import PayoutClient
 from ._errors import StorageError, StorageUnavailable
 from ._policy import Policy
+from ._replay import replay_store_for
 from .notify import HttpNotifier, Notifier
 from .partner import HttpPartner, Partner
 from .settings import ServiceSettings
 from .storage import Storage, storage_from_url
+from .webhooks import InMemoryReplayStore, ReplayStore
 
 __all__ = ["DEFAULT", "ClientFactory", "describe_storage", "open_client", "open_storage"]
 
@@ -112,6 +114,26 @@ async def _nothing() -> AsyncIterator[None]:
 
 
 @asynccontextmanager
+async def _replay_store(url: str) -> AsyncIterator[ReplayStore]:
+    """The webhook replay store of every instance on the storage at ``url``: Redis's or
+    PostgreSQL's next to it (opened here, closed on exit), else this process's memory."""
+    store = replay_store_for(url)
+    if store is None:
+        yield InMemoryReplayStore()
+        return
+    try:
+        await store.open()
+    except (StorageError, OSError) as exc:
+        await store.close()
+        what = describe_storage(url)
+        raise StorageUnavailable(f"cannot open the webhook replay store ({what}): {exc}") from exc
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
 async def open_client(
     settings: ServiceSettings | None = None,
     *,
@@ -122,7 +144,9 @@ async def open_client(
 ) -> AsyncIterator[PayoutClient]:
     """The default :data:`ClientFactory`: storage from the URL (opened first, so that a storage
     that cannot open is one clear :class:`StorageUnavailable`), the HTTP partner and notifier,
-    and the shared Redis check budget when ``budget_url`` is set.
+    the shared Redis check budget when ``budget_url`` is set, and the webhook replay store (of
+    message ids for the settings' verifier and of partner event ids): on the storage's Redis or
+    PostgreSQL when ``storage_url`` is one, so every instance refuses a replay, else in memory.
 
     ``settings`` defaults to :meth:`ServiceSettings.from_env`. ``partner``: your adapter instead
     of ``HttpPartner(settings.partner_url)`` (entered and closed here if it is an async context
@@ -139,6 +163,9 @@ async def open_client(
         await open_storage(backend, settings.storage_url if storage is None else None)
         stack.push_async_callback(_close_quietly, backend)  # if the client never starts
         budget = await stack.enter_async_context(_budget(settings, policy))
+        replays = None
+        if not {"webhook_verifier", "webhook_replays"} <= client_options.keys():
+            replays = await stack.enter_async_context(_replay_store(settings.storage_url))
         adapter: Partner
         if partner is None:
             adapter = await stack.enter_async_context(
@@ -154,8 +181,9 @@ async def open_client(
                     settings.push_url, body=settings.push_body, timeout=policy.notify_timeout
                 )
             )
-        options = {"webhook_verifier": settings.webhook_verifier(), "policy": policy,
-                   "budget": budget, **client_options}  # fmt: skip
+        options = {"webhook_verifier": settings.webhook_verifier(replays), "policy": policy,
+                   "budget": budget, "instance_id": settings.instance_id,
+                   "webhook_replays": replays, **client_options}  # fmt: skip
         client = PayoutClient(
             storage=backend,
             partner=adapter,

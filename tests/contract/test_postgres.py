@@ -200,6 +200,9 @@ async def test_upgrades_a_first_release_schema_in_place(
         assert await b.get_by_partner_ref("ref-old") == conflicted
         with pytest.raises(PartnerReferenceTaken):
             await a.create_if_absent(make_payout("new", partner_ref="ref-old"))
+        # Step 4 made the instance registry.
+        await a.beat("instance-a", T0)
+        assert await b.instances() == {"instance-a": T0}
     finally:
         await a.close()
         await b.close()

@@ -462,7 +462,8 @@ async def test_sqlite_upgrades_a_first_release_file_in_place(
             tg.start_soon(storage.open)
     try:
         applied = [r.getMessage() for r in caplog.records if "applied migrations" in r.message]
-        assert applied == [f"SQLite {db_path}: applied migrations 2..3"]
+        latest = len(_SQLITE_MIGRATIONS)
+        assert applied == [f"SQLite {db_path}: applied migrations 2..{latest}"]
         old = make_outbox("old", status=PayoutStatus.COMPLETED)
         assert await storages[1].get_outbox("old") == replace(
             old, attempts=3, last_error="HTTP 502"
@@ -476,11 +477,14 @@ async def test_sqlite_upgrades_a_first_release_file_in_place(
         # Step 3 gave the old entry its payout's creation time: it lists as undelivered.
         undelivered = await storages[1].list_payouts(PayoutQuery(undelivered_only=True))
         assert [p.id for p in undelivered.items] == ["old"]
+        # Step 4 made the instance registry.
+        await storages[2].beat("instance-a", T0)
+        assert await storages[3].instances() == {"instance-a": T0}
     finally:
         for storage in storages:
             await storage.close()
     with contextlib.closing(sqlite3.connect(db_path)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (3,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (latest,)
         (index_sql,) = raw.execute(
             "SELECT sql FROM sqlite_master WHERE name = 'outbox_due'"
         ).fetchone()

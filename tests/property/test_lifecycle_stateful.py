@@ -113,6 +113,11 @@ class _Host:
             self._up.set()
             await self._stop.wait()
 
+    def stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Leave the context normally: a deploy's SIGTERM (the client drains)."""
+        self._stop.set()
+        loop.run_until_complete(self.task)
+
     def kill(self, loop: asyncio.AbstractEventLoop) -> None:
         """Cancel everything the context runs, mid-flight: a crash, with no cleanup writes."""
         self.task.cancel()
@@ -184,8 +189,10 @@ class PayoutLifecycle(RuleBasedStateMachine):
             **kw,
         )
 
-    def _start_client(self) -> None:
-        self.client = self._new_client()
+    def _start_client(self, name: str | None = "main") -> None:
+        # A stable name recovers its own open submits at once; a new one relies on the
+        # second instance's watch, or on submit_deadline.
+        self.client = self._new_client(instance_id=name)
         self.client_host = _Host(self.loop, self.client)
 
     def _now(self) -> float:
@@ -255,14 +262,24 @@ class PayoutLifecycle(RuleBasedStateMachine):
             self.loop, self._new_client(clock=SkewedClock(offset), instance_id="second")
         )
 
-    @rule(down_for=st.floats(0.0, 90.0))
-    def crash_and_restart(self, down_for: float) -> None:
+    @rule(down_for=st.floats(0.0, 90.0), same_name=st.booleans())
+    def crash_and_restart(self, down_for: float, same_name: bool) -> None:
         assert self.client_host is not None
         self.client_host.kill(self.loop)
         self.client = None
         self.run(asyncio.sleep(down_for))
         self.last_restart = self._now()
-        self._start_client()
+        self._start_client("main" if same_name else None)
+
+    @rule(down_for=st.floats(0.0, 30.0))
+    def deploy(self, down_for: float) -> None:
+        """SIGTERM: the client drains (answers in flight recorded, the rest handed over)."""
+        assert self.client_host is not None
+        self.client_host.stop(self.loop)
+        self.client = None
+        self.run(asyncio.sleep(down_for))
+        self.last_restart = self._now()
+        self._start_client("main")
 
     @rule(status=st.sampled_from(list(PartnerStatus)))
     def webhook_for_unknown_id(self, status: PartnerStatus) -> None:

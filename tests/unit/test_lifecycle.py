@@ -205,7 +205,9 @@ def test_single_attempt_policy_fails_on_confirmed_absence() -> None:
 def test_pending_record_moves_unknown_to_awaiting() -> None:
     d = decide(unknown(), StatusChecked(1, Found(PartnerStatus.PENDING)), T0 + 60, P)
     assert d.payout.status is S.AWAITING
-    assert d.payout.answered_at == T0 + 60
+    # The POST's own answer never came: checks go on soon, without the webhook's grace.
+    assert d.payout.answered_at is None
+    assert d.payout.next_check_at == T0 + 60 + P.check_interval
 
 
 def test_awaiting_payout_that_vanishes_is_neither_failed_nor_resubmitted() -> None:

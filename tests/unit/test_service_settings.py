@@ -50,10 +50,18 @@ def test_every_variable_is_read() -> None:
         "RP_PUSH_PATH": "/outcomes",
         "RP_EXPOSE_PARTNER_REF": "true",
         "RP_ADMIN_TOKEN": "an-admin-token-0123456789",
+        "RP_INSTANCE_ID": "pod-7",
+        "RP_MAX_INFLIGHT_SUBMITS": "32",
+        "RP_MAX_LOOP_LAG": "0.05",
+        "RP_WORKERS": "3",
+        "RP_SHUTDOWN_DELAY": "5",
     }
     assert set(env) == set(ENV_VARS)
     s = ServiceSettings.from_env(env)
     assert s.partner_url == "https://partner.example:8443/api"
+    assert s.instance_id == "pod-7"
+    assert (s.max_inflight_submits, s.max_loop_lag) == (32, 0.05)
+    assert (s.workers, s.shutdown_delay) == (3, 5.0)
     assert s.webhook_url == "http://10.0.0.5:3200/payouts/hooks"
     assert s.push_url == "http://app:3100/outcomes"
     assert (s.budget_url, s.budget_key, s.webhook_tolerance) == (

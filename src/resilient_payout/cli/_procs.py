@@ -1,5 +1,6 @@
 """Child processes for ``demo``, ``soak``, the tests and the benchmarks: start, wait until
-ready, stop; ports and logs; stop signals; the server processes' garbage collector."""
+ready, stop; ports and logs; stop signals; ``serve --workers``'s pool; the server processes'
+garbage collector."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -32,7 +34,9 @@ __all__ = [
     "Child",
     "Handlers",
     "Terminated",
+    "WorkerPool",
     "bind_problem",
+    "die_with_parent_hook",
     "environ",
     "free_ports",
     "ignore_signals",
@@ -78,7 +82,7 @@ class Child:
     ready_url: str
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
+def die_with_parent_hook() -> Callable[[], None] | None:
     """A ``preexec_fn`` that has Linux send SIGTERM to the child when its parent dies.
 
     The demo stops its children itself, even on Ctrl-C or SIGTERM; this covers SIGKILL (a test
@@ -123,7 +127,7 @@ def start(
             # Its own process group: Ctrl-C reaches only the parent, which then stops the
             # children itself, and a stop signal reaches everything the child may have started.
             start_new_session=True,
-            preexec_fn=_die_with_parent_hook() if die_with_parent else None,
+            preexec_fn=die_with_parent_hook() if die_with_parent else None,
         )
 
 
@@ -354,6 +358,111 @@ def supervise(console: Console, body: Callable[[list[Child]], int], logs: Callab
         finally:
             restore_signals(previous)
         console.print(f"logs: {logs()}")
+
+
+# -- serve --workers ------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerPool:
+    """``size`` worker processes, numbered from 1, kept running until a stop signal.
+
+    The first SIGTERM or SIGINT calls ``on_stop`` (e.g. close the listening socket the workers
+    share), sends SIGTERM to every worker and waits for all of them, however long they drain;
+    the next one sends ``force_signal`` (they exit at once). A worker that exits on its own is
+    restarted under its number after a backoff; ``restart_limit`` such exits within
+    ``restart_window`` seconds stop the others and make :meth:`run` return 1.
+    """
+
+    start: Callable[[int], Proc]
+    """Starts worker ``i``; it must not share this process's group (signals are forwarded)."""
+    size: int
+    log: Callable[[str], None]
+    on_stop: Callable[[], None] = lambda: None
+    force_signal: signal.Signals = signal.SIGQUIT
+    restart_limit: int = 5
+    restart_window: float = 60.0
+    backoff: float = 0.5
+    """Seconds before the first restart; doubled for each exit within the window (max 10 s)."""
+    poll: float = 0.1
+    procs: dict[int, Proc | None] = field(default_factory=dict)
+    """The running worker of each number (None while it waits for its restart)."""
+    _signals: list[int] = field(default_factory=list)
+
+    def run(self) -> int:
+        """Start the workers, supervise them, stop them: 0 if every worker exited 0 (or by the
+        SIGTERM, while starting) after the stop signal, 1 if one did not or they kept dying.
+        Main thread only (signals)."""
+        from ._common import EXIT_NOT_OK, EXIT_OK
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self._signals.append(signum)  # acted on by the loop: a handler must not block
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for i in range(1, self.size + 1):
+                self.procs[i] = self.start(i)
+            gave_up = self._supervise()
+            self.on_stop()
+            codes = self._stop()
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        # -SIGTERM: a worker stopped before it had set its handlers, so before it served.
+        clean = all(code in (0, -signal.SIGTERM) for code in codes)
+        return EXIT_OK if clean and not gave_up else EXIT_NOT_OK
+
+    def _supervise(self) -> bool:
+        """Restart exited workers until a stop signal (False) or too many exits (True)."""
+        exits: deque[float] = deque()
+        due: dict[int, float] = {}
+        while not self._signals:
+            now = time.monotonic()
+            for i, proc in self.procs.items():
+                if proc is None or proc.poll() is None:
+                    continue
+                exits.append(now)
+                while exits[0] < now - self.restart_window:
+                    exits.popleft()
+                if len(exits) >= self.restart_limit:
+                    self.log(
+                        f"worker {i} (pid {proc.pid}) exited with status {proc.returncode}; "
+                        f"{len(exits)} exits in {self.restart_window:g} s: stopping the others"
+                    )
+                    return True
+                wait = min(self.backoff * 2 ** (len(exits) - 1), 10.0)
+                self.log(
+                    f"worker {i} (pid {proc.pid}) exited with status {proc.returncode}; "
+                    f"restarting it in {wait:g} s"
+                )
+                self.procs[i] = None
+                due[i] = now + wait
+            for i, at in list(due.items()):
+                if now >= at:
+                    del due[i]
+                    self.procs[i] = self.start(i)
+            time.sleep(self.poll)
+        return False
+
+    def _stop(self) -> list[int]:
+        """Forward the stop signal(s) and wait for every worker: their exit statuses."""
+        running = [p for p in self.procs.values() if p is not None]
+        sent = 0
+        while True:
+            alive = [p for p in running if p.poll() is None]
+            if not alive:
+                return [p.returncode for p in running]
+            while sent < max(1, len(self._signals)):
+                sig = signal.SIGTERM if sent == 0 else self.force_signal
+                if sent == 0:
+                    self.log(f"stopping {len(alive)} workers (SIGTERM: they drain)")
+                else:
+                    self.log(f"signal again: {sig.name} to {len(alive)} workers (exit now)")
+                for proc in alive:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(sig)
+                sent += 1
+            time.sleep(self.poll)
 
 
 # -- server processes -----------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """What routes take from a request: the running client (a dependency), size-capped bodies, the
 exact ``POST /transaction`` body and the ``Prefer: wait`` preference.
 
-Body limits live here, in each route's own dependency, not in a middleware matching paths: they
-hold wherever the router is included or mounted, and no parser ever sees an oversized body (the
-routes declare no body FastAPI would read itself)."""
+Body limits live here, used by each route (the webhook's dependency; ``POST /transaction`` calls
+:func:`read_capped` itself, after its overload and drain checks, so that a refusal reads no
+body), not in a middleware matching paths: they hold wherever the router is included or
+mounted, and no parser ever sees an oversized body (the routes declare no body FastAPI would
+read itself)."""
 
 from __future__ import annotations
 

@@ -13,14 +13,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .._admission import retry_after_header
 from .._errors import (
     ClientNotRunning,
     ConcurrencyError,
     IdempotencyConflict,
     InvalidRequest,
     InvalidWebhook,
+    Overloaded,
     PayoutAlreadyFinal,
     PayoutError,
+    ShuttingDown,
     StorageError,
     StorageUnavailable,
     UnknownPayout,
@@ -64,6 +67,8 @@ _ERRORS: Final[tuple[tuple[type[PayoutError], int, str, str], ...]] = (
     (StorageUnavailable, 503, "storage-unavailable", "Storage unavailable"),
     (ConcurrencyError, 503, "busy", "Too much contention"),
     (StorageError, 503, "storage-error", "Storage error"),
+    (Overloaded, 503, "overloaded", "Overloaded"),
+    (ShuttingDown, 503, "shutting-down", "Shutting down"),
     (ClientNotRunning, 503, "not-running", "Service not running"),
 )
 
@@ -75,7 +80,9 @@ _DESCRIPTIONS: Final[Mapping[int, str]] = {
     413: "Body too large",
     422: "Invalid request",
     500: "Internal error",
-    503: "Storage unavailable or service not running (see `Retry-After`)",
+    503: (
+        "Storage unavailable, service not running, shutting down or overloaded (see `Retry-After`)"
+    ),
 }
 
 _WEBHOOK_CHALLENGE: Final = 'Signature realm="webhook", scheme="standard-webhooks-v1"'
@@ -158,9 +165,15 @@ async def _on_payout_error(request: Request, exc: Exception) -> Response:
             detail=str(exc),
             headers={"WWW-Authenticate": _WEBHOOK_CHALLENGE},
         )
+    headers: dict[str, str] = {}
+    if isinstance(exc, Overloaded | ShuttingDown):
+        # Their own hint: a drain or a burst lasts about as long as they say.
+        headers["Retry-After"] = retry_after_header(exc.retry_after)
     for cls, status, slug, title in _ERRORS:
         if isinstance(exc, cls):
-            return problem_response(request, status, slug=slug, title=title, detail=str(exc))
+            return problem_response(
+                request, status, slug=slug, title=title, detail=str(exc), headers=headers
+            )
     log.error("unmapped %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
     return problem_response(request, 500, slug=None, title=None, detail="internal error")
 

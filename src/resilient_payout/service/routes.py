@@ -5,11 +5,14 @@ their defaults):
 route                          what it does
 =============================  ====================================================================
 ``POST /transaction``          submit ``{"id", ...}``; answers at once ``{"id", "status"}``;
-                               ``Prefer: wait=N`` holds the answer up to N s for a final status
+                               ``Prefer: wait=N`` holds the answer up to N s for a final status;
+                               503 ``overloaded`` while the process is behind, ``shutting-down``
+                               while the client drains (both before the body is read)
 ``GET /transaction/{id}``      the payout's app-facing status; ``?wait=N`` long-polls
 ``POST /webhook``              the partner's webhook (never creates a payout)
 ``GET /healthz``               liveness: ``{"status": "ok"}``, 503 while the client is not running
-``GET /readyz``                readiness: 200 only while the client runs and storage answers
+``GET /readyz``                readiness: 200 only while the client runs, is not draining and
+                               storage answers
 ``GET /metrics``               Prometheus text format
 =============================  ====================================================================
 
@@ -19,22 +22,31 @@ any app.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at runtime,
-# and the transaction body's dependency is a local (its limit comes from the settings).
+# and the webhook body's dependency is a local (its limit comes from the settings).
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Final
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from .._admission import AdmissionGate
 from .._client import PayoutClient
-from .._errors import ClientNotRunning, InvalidRequest, InvalidWebhook, StorageError
+from .._errors import (
+    ClientNotRunning,
+    InvalidRequest,
+    InvalidWebhook,
+    ShuttingDown,
+    StorageError,
+)
 from .._model import PayoutRequest
 from ..settings import ServiceSettings
 from ._route import ProblemRoute
-from .deps import capped_body, client_dependency, prefer_wait, transaction_body
+from .deps import capped_body, client_dependency, parse_transaction, prefer_wait, read_capped
 from .metrics import Metrics
 from .problems import ProblemRaised, problem_docs
 from .schemas import Health, PartnerWebhook, Readiness, TransactionStatus, view
@@ -58,7 +70,9 @@ def build_router(settings: ServiceSettings, metrics: Metrics, get_client: GetCli
     :class:`~resilient_payout.ClientNotRunning`; the metrics route renders ``metrics``."""
     router = APIRouter(route_class=ProblemRoute)
     client_dep = Depends(client_dependency(get_client))
-    _add_submit(router, settings, client_dep)
+    gate = AdmissionGate(settings.max_inflight_submits, max_lag=settings.max_loop_lag)
+    metrics.registry.register(_GateCollector(gate))
+    _add_submit(router, settings, get_client, gate)
     _add_get(router, settings, get_client)
     _add_webhook(router, settings, client_dep)
     if settings.health_path:
@@ -86,9 +100,50 @@ def _check_policy(body: PayoutRequest, settings: ServiceSettings) -> None:
         )
 
 
-def _add_submit(router: APIRouter, settings: ServiceSettings, client_dep: Any) -> None:
+class _GateCollector(Collector):
+    """The submit gate's figures, read at scrape time."""
+
+    def __init__(self, gate: AdmissionGate) -> None:
+        self.gate = gate
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        in_flight = GaugeMetricFamily(
+            "resilient_payout_submits_in_flight",
+            "POST /transaction requests being handled now (RP_MAX_INFLIGHT_SUBMITS bounds it)",
+        )
+        in_flight.add_metric([], float(self.gate.in_flight))
+        peak = GaugeMetricFamily(
+            "resilient_payout_submits_in_flight_peak",
+            "The most POST /transaction requests handled at once since the start",
+        )
+        peak.add_metric([], float(self.gate.peak))
+        shed = CounterMetricFamily(
+            "resilient_payout_submits_shed",
+            "POST /transaction requests refused with 503 overloaded (nothing written), by the "
+            "bound that refused them",
+            labels=["bound"],
+        )
+        gate = self.gate
+        shed.add_metric(["in_flight"], float(gate.shed - gate.shed_lag))
+        shed.add_metric(["loop_lag"], float(gate.shed_lag))
+        return (in_flight, peak, shed)
+
+
+def _running_client(get_client: GetClient) -> PayoutClient | None:
+    try:
+        return get_client()
+    except ClientNotRunning:
+        return None
+
+
+def _add_submit(
+    router: APIRouter, settings: ServiceSettings, get_client: GetClient, gate: AdmissionGate
+) -> None:
     max_wait = settings.max_wait
-    body_dep = Depends(transaction_body(settings.max_transaction_body))
+    limit = settings.max_transaction_body
 
     @router.post(
         settings.transaction_path,
@@ -118,9 +173,6 @@ def _add_submit(router: APIRouter, settings: ServiceSettings, client_dep: Any) -
     async def submit_transaction(
         request: Request,
         response: Response,
-        # Before the client's: a bad body is a 4xx even while the client is not running.
-        body: Annotated[PayoutRequest, body_dep],
-        client: Annotated[PayoutClient, client_dep],
         prefer: str | None = Header(
             default=None,
             alias="Prefer",
@@ -132,8 +184,22 @@ def _add_submit(router: APIRouter, settings: ServiceSettings, client_dep: Any) -
             examples=["wait=5"],
         ),
     ) -> TransactionStatus:
-        _check_policy(body, settings)
-        payout = (await client.submit(body)).payout
+        # The body is read here, not by a dependency, so that a refusal comes before it: a shed
+        # or draining answer costs no read, no parse and no storage call. Replays are shed too:
+        # telling one from a new submit takes the body and a read, the very work refused here,
+        # and a shed replay retried later gets its answer as before.
+        with gate.admit():
+            running = _running_client(get_client)
+            if running is not None and running.draining:
+                raise ShuttingDown("this instance is shutting down; retry (another takes it)")
+            body = parse_transaction(
+                await read_capped(request, limit), request.headers.get("content-type")
+            )
+            _check_policy(body, settings)
+            # After the body: a bad body is a 4xx even while the client is not running.
+            client = get_client()
+            payout = (await client.submit(body)).payout
+        # Out of the gate: a client waiting for its outcome holds no slot.
         wait = prefer_wait(request.headers.getlist("prefer"))
         if wait is not None:
             applied = min(wait, max_wait)
@@ -241,6 +307,9 @@ def _add_ready(router: APIRouter, path: str, get_client: GetClient) -> None:
             client = get_client()
         except ClientNotRunning as exc:
             raise _not_ready(str(exc)) from None
+        if client.draining:
+            # Before the client stops: the load balancer moves away while requests still work.
+            raise _not_ready("the payout client is draining (shutting down)")
         try:
             with anyio.fail_after(READY_TIMEOUT):
                 await client.storage.get(_PROBE_ID)

@@ -10,6 +10,9 @@ stores version ``expected_version + 1`` and returns the record as stored.
 
 Partner references are unique: a write that would give a payout a ``partner_ref`` another
 payout holds raises :class:`~resilient_payout.PartnerReferenceTaken` and writes nothing.
+
+Instances sharing the storage also keep a liveness registry in it (``beat``, ``instances``,
+``forget_instance``): one small record per instance, so that the others notice one that stopped.
 """
 
 from __future__ import annotations
@@ -145,4 +148,20 @@ class Storage(Protocol):
 
         A pruned id is forgotten: the same id submitted again is a new payout (idempotency no
         longer covers it)."""
+        ...
+
+    # -- instance liveness ------------------------------------------------------------------
+
+    async def beat(self, instance_id: str, mark: float) -> None:
+        """Record that ``instance_id`` is alive: its latest mark is ``mark`` (any value that
+        changes with every beat; the client passes its own clock, which other instances never
+        compare with theirs - they only watch whether it changes). Upsert, atomic."""
+        ...
+
+    async def instances(self) -> dict[str, float]:
+        """Every instance that beat and was not forgotten -> its latest mark."""
+        ...
+
+    async def forget_instance(self, instance_id: str) -> None:
+        """Remove it (a clean exit, or its leftovers were taken over). Idempotent."""
         ...

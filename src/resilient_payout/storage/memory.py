@@ -216,6 +216,8 @@ class MemoryStorage:
         """Partner reference -> the id of the payout holding it."""
         self._ref_of: dict[str, str] = {}
         """Payout id -> the partner reference stored for it."""
+        self._marks: dict[str, float] = {}
+        """Instance id -> its latest heartbeat mark."""
 
     # -- index keys ---------------------------------------------------------------------------
 
@@ -542,3 +544,17 @@ class MemoryStorage:
             if ref is not None:
                 self._refs.pop(ref, None)
         return len(doomed)
+
+    # -- instance liveness ----------------------------------------------------------------------
+
+    async def beat(self, instance_id: str, mark: float) -> None:
+        await checkpoint()
+        self._marks[instance_id] = mark
+
+    async def instances(self) -> dict[str, float]:
+        await checkpoint()
+        return dict(self._marks)
+
+    async def forget_instance(self, instance_id: str) -> None:
+        await checkpoint()
+        self._marks.pop(instance_id, None)

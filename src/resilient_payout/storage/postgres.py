@@ -14,6 +14,11 @@ Every decision is one SQL statement, so PostgreSQL's row locks decide every race
   FROM due RETURNING``, so concurrent claimers step over each other's rows instead of queueing
   behind them.
 
+Request-path statements (creation, reads by id or partner reference, compare-and-sets, outbox
+acks, heartbeats: one row each) and background scans (claims, ``next_due_at``, counts, listings,
+``ops_snapshot``, ``prune``) use two pools, so that scans, however many or slow, never make a
+request wait for a connection (``bg_pool_max``; 0 shares one pool).
+
 The schema is versioned: :data:`MIGRATIONS` is a list of SQL steps, recorded in a
 ``schema_migrations`` table and applied by :meth:`PostgresStorage.open` (or
 :meth:`PostgresStorage.migrate`) under ``pg_advisory_xact_lock``, so instances starting together
@@ -131,6 +136,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX outbox_undelivered ON {{s}}.outbox (payout_created_at, payout_id)
         WHERE delivered_at IS NULL;
     """,  # noqa: S608 -- DDL of constants
+    # 4: the instance liveness registry (one row per running instance, its latest heartbeat).
+    """
+    CREATE TABLE {s}.instances (
+        id   text COLLATE "C" PRIMARY KEY,
+        mark double precision NOT NULL
+    );
+    """,
 )
 """The schema, step by step: step ``i`` (1-based) takes the schema from version ``i - 1`` to
 ``i``. Only ever append; ``{s}`` is the quoted schema name."""
@@ -320,6 +332,22 @@ gone AS (
 SELECT count(*) FROM gone
 """  # noqa: S608 -- constants and placeholders only
 
+_BEAT = """
+INSERT INTO {s}.instances (id, mark) VALUES ($1, $2)
+ON CONFLICT (id) DO UPDATE SET mark = excluded.mark
+"""
+
+_INSTANCES = "SELECT id, mark FROM {s}.instances"
+
+_FORGET_INSTANCE = "DELETE FROM {s}.instances WHERE id = $1"
+
+_BACKGROUND: Final = frozenset(
+    {"claim_due", "next_due", "claim_outbox", "count", "count_dead", "ops", "prune", "prune_dry"}
+)
+"""Statements of background work: scans of many rows (and list_payouts, see _fetch_sql), run on
+the background pool. Everything else reads or writes one row for a request, a worker's decision
+or a heartbeat, and must never wait behind a scan."""
+
 # Errors that mean "not now": the server is unreachable, restarting, overloaded, or dropped our
 # connection, or the statement timed out. Anything else from PostgreSQL is a plain StorageError.
 _UNAVAILABLE: Final = (
@@ -357,9 +385,11 @@ class PostgresStorage:
 
     ``dsn`` is anything asyncpg accepts (``postgresql://user:pw@host:5432/db?sslmode=require``).
     All tables live in ``schema`` (created if missing), so several deployments can share a
-    database. Each object keeps a pool of ``pool_min`` to ``pool_max`` connections; concurrent
-    operations of one object run on separate connections. ``pool_timeout`` bounds the wait for
-    a free one (None: forever), ``connect_timeout`` each connection attempt and
+    database. Each object keeps a pool of ``pool_min`` to ``pool_max`` connections for
+    request-path statements and a second one of up to ``bg_pool_max`` for background scans (0:
+    they share the first); concurrent operations of one object run on separate connections.
+    ``pool_timeout`` bounds the wait for a free one (None: forever), ``connect_timeout`` each
+    connection attempt and
     ``command_timeout`` each statement; any of them running out raises
     :class:`~resilient_payout.StorageUnavailable`, as does an unreachable or restarting server.
     """
@@ -374,6 +404,7 @@ class PostgresStorage:
         connect_timeout: float = 10.0,
         command_timeout: float | None = 30.0,
         pool_timeout: float | None = 10.0,
+        bg_pool_max: int = 3,
     ) -> None:
         if not _SCHEMA_NAME.match(schema):
             raise ValueError(
@@ -381,6 +412,8 @@ class PostgresStorage:
             )
         if not 0 <= pool_min <= pool_max or pool_max < 1:
             raise ValueError("need 0 <= pool_min <= pool_max and pool_max >= 1")
+        if bg_pool_max < 0:
+            raise ValueError("need bg_pool_max >= 0 (0: background work shares the pool)")
         if pool_timeout is not None and not pool_timeout > 0:
             raise ConfigurationError("PostgreSQL pool_timeout must be a positive number of seconds")
         self._dsn = dsn
@@ -390,7 +423,10 @@ class PostgresStorage:
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._pool_timeout = pool_timeout
+        self._bg_pool_max = bg_pool_max
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._bg_pool: asyncpg.Pool[asyncpg.Record] | None = None
+        """Background scans' own connections (None with ``bg_pool_max=0``, or not open)."""
         self._lock = anyio.Lock()
         q = f'"{schema}"'  # validated above: nothing to escape
         self._sql = {
@@ -416,6 +452,9 @@ class PostgresStorage:
                 "prune": _PRUNE,
                 "prune_dry": _PRUNE_DRY,
                 "migrations_table": _MIGRATIONS_TABLE,
+                "beat": _BEAT,
+                "instances": _INSTANCES,
+                "forget_instance": _FORGET_INSTANCE,
             }.items()
         }
         self._migrations = [m.format(s=q) for m in MIGRATIONS]
@@ -430,8 +469,8 @@ class PostgresStorage:
     @classmethod
     def from_url(cls, url: str) -> PostgresStorage:
         """``postgresql://`` or ``postgres://`` URLs; options ``?schema=``, ``?pool_min=``,
-        ``?pool_max=``, ``?pool_timeout=SECONDS``. Other query parameters go to asyncpg
-        (``sslmode``, ``application_name``...)."""
+        ``?pool_max=``, ``?pool_timeout=SECONDS``, ``?bg_pool_max=``. Other query parameters go
+        to asyncpg (``sslmode``, ``application_name``...)."""
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("postgresql", "postgres") or not parts.netloc:
             raise ValueError(
@@ -440,7 +479,7 @@ class PostgresStorage:
         ours: dict[str, str] = {}
         passed: list[tuple[str, str]] = []
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            if key in ("schema", "pool_min", "pool_max", "pool_timeout"):
+            if key in ("schema", "pool_min", "pool_max", "pool_timeout", "bg_pool_max"):
                 ours[key] = value
             else:
                 passed.append((key, value))
@@ -448,8 +487,11 @@ class PostgresStorage:
         try:
             pool_min = int(ours.get("pool_min", 1))
             pool_max = int(ours.get("pool_max", max(10, pool_min)))
+            bg_pool_max = int(ours.get("bg_pool_max", 3))
         except ValueError:
-            raise ValueError(f"pool_min and pool_max must be integers in {url!r}") from None
+            # The parameters only: the URL may carry a password.
+            msg = "PostgreSQL URL options pool_min, pool_max and bg_pool_max must be integers"
+            raise ValueError(msg) from None
         try:
             pool_timeout = float(ours.get("pool_timeout", 10.0))
         except ValueError:
@@ -462,6 +504,7 @@ class PostgresStorage:
             pool_min=pool_min,
             pool_max=pool_max,
             pool_timeout=pool_timeout,
+            bg_pool_max=bg_pool_max,
         )
 
     @property
@@ -486,6 +529,7 @@ class PostgresStorage:
                     timeout=self._connect_timeout,
                     command_timeout=self._command_timeout,
                 )
+            bg_pool: asyncpg.Pool[asyncpg.Record] | None = None
             try:
                 with _translated():
                     conn = await self._acquire(pool)
@@ -493,10 +537,18 @@ class PostgresStorage:
                         await self._migrate(conn)
                     finally:
                         await pool.release(conn)
+                    if self._bg_pool_max:
+                        bg_pool = await asyncpg.create_pool(
+                            self._dsn,
+                            min_size=0,  # opened on first use: scans are not urgent
+                            max_size=self._bg_pool_max,
+                            timeout=self._connect_timeout,
+                            command_timeout=self._command_timeout,
+                        )
             except BaseException:
                 pool.terminate()
                 raise
-            self._pool = pool
+            self._pool, self._bg_pool = pool, bg_pool
 
     async def migrate(self) -> int:
         """Apply the missing :data:`MIGRATIONS` steps; how many it applied (0: up to date).
@@ -566,14 +618,15 @@ class PostgresStorage:
     async def close(self) -> None:
         """Close the pool, waiting up to 5 s for operations in flight. Idempotent."""
         async with self._lock:
-            pool, self._pool = self._pool, None
-            if pool is None:
-                return
+            pools = [p for p in (self._pool, self._bg_pool) if p is not None]
+            self._pool = self._bg_pool = None
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(5.0), contextlib.suppress(*_UNAVAILABLE):
-                    await pool.close()
+                    for pool in pools:
+                        await pool.close()
                     return
-                pool.terminate()
+                for pool in pools:
+                    pool.terminate()
 
     def _conn(self) -> asyncpg.Pool[asyncpg.Record]:
         if self._pool is None:
@@ -581,11 +634,15 @@ class PostgresStorage:
         return self._pool
 
     async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
-        """The statement named ``name`` (see :meth:`_fetch_sql`)."""
-        return await self._fetch_sql(self._sql[name], *args)
+        """The statement named ``name`` (see :meth:`_fetch_sql`), on the background pool if it
+        is one of :data:`_BACKGROUND`."""
+        return await self._fetch_sql(self._sql[name], *args, background=name in _BACKGROUND)
 
-    async def _fetch_sql(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        """One statement, in its own implicit transaction; its rows.
+    async def _fetch_sql(
+        self, sql: str, *args: Any, background: bool = False
+    ) -> list[asyncpg.Record]:
+        """One statement, in its own implicit transaction; its rows. ``background``: a scan,
+        run on the background pool (if there is one), never on a request's connections.
 
         A statement that finds its pooled connection dead (the server restarted, or an admin
         ended the session) is sent once more on a fresh connection, after marking every pooled
@@ -595,6 +652,8 @@ class PostgresStorage:
         repeated claim leaves the first claim's rows leased until their lease ends.
         """
         pool = self._conn()
+        if background and self._bg_pool is not None:
+            pool = self._bg_pool
         for last_try in (False, True):
             try:
                 with _translated():
@@ -606,8 +665,11 @@ class PostgresStorage:
             except StorageUnavailable as exc:
                 if last_try or not isinstance(exc.__cause__, _CONNECTION_LOST):
                     raise
-                # One dead connection means the rest of the pool likely died with it.
-                await pool.expire_connections()
+                # One dead connection means the rest of the pool (and the other pool: the
+                # same server) likely died with it.
+                for each in (self._pool, self._bg_pool):
+                    if each is not None:
+                        await each.expire_connections()
         raise AssertionError("unreachable")
 
     async def _acquire(
@@ -620,9 +682,11 @@ class PostgresStorage:
             # Say which wait ran out: the server may be fine while this process has more
             # operations in flight than pool_max (or holds connections too long).
             waited = f"pool_timeout={self._pool_timeout}s"
-            if pool.get_size() >= self._pool_max and pool.get_idle_size() == 0:
-                why = f"all {self._pool_max} connections stayed busy for {waited}"
-                raise StorageUnavailable(f"PostgreSQL: connection pool exhausted: {why}") from exc
+            size = pool.get_max_size()
+            if pool.get_size() >= size and pool.get_idle_size() == 0:
+                which = "background connection pool" if pool is self._bg_pool else "connection pool"
+                why = f"all {size} connections stayed busy for {waited}"
+                raise StorageUnavailable(f"PostgreSQL: {which} exhausted: {why}") from exc
             raise StorageUnavailable(
                 f"PostgreSQL: no pooled connection within {waited} (opening one took too long)"
             ) from exc
@@ -734,7 +798,7 @@ class PostgresStorage:
 
     async def list_payouts(self, query: PayoutQuery) -> PayoutPage:
         sql, params = listing_sql(query, self._listing)
-        rows = await self._fetch_sql(sql, *params)
+        rows = await self._fetch_sql(sql, *params, background=True)
         return page_of((decode_payout(r[0], r[1]) for r in rows), query.limit)
 
     async def ops_snapshot(
@@ -750,3 +814,14 @@ class PostgresStorage:
             return 0
         rows = await self._fetch("prune_dry" if dry_run else "prune", before, limit)
         return int(rows[0][0])
+
+    # -- instance liveness ----------------------------------------------------------------------
+
+    async def beat(self, instance_id: str, mark: float) -> None:
+        await self._fetch("beat", instance_id, mark)
+
+    async def instances(self) -> dict[str, float]:
+        return {str(r[0]): float(r[1]) for r in await self._fetch("instances")}
+
+    async def forget_instance(self, instance_id: str) -> None:
+        await self._fetch("forget_instance", instance_id)

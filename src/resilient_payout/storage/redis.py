@@ -9,8 +9,9 @@ or newer (``ZRANGE ... BYSCORE``).
 Keys, all under ``prefix``: a hash per payout (``p:<id>``: version, JSON document, status,
 lease) and per outbox entry (``o:<id>``), sorted sets of due payouts (``idx:due``; split into
 ``idx:ready`` and ``idx:leased`` so a claim never rescans payouts in flight), of undelivered
-entries (``idx:outbox``) and dead-lettered ones (``idx:dead``), and a hash of counts per status
-(``counts``). Keys written before dead-lettering existed need no change: an entry without a
+entries (``idx:outbox``) and dead-lettered ones (``idx:dead``), a hash of counts per status
+(``counts``), and the instance liveness registry, a hash of instance id -> mark
+(``instances``). Keys written before dead-lettering existed need no change: an entry without a
 ``dead_at`` field is alive, and a missing ``idx:dead`` counts zero. Scripts also touch keys
 they compute from the prefix; on Redis Cluster put a hash tag in it (``{rp}:``) so every key
 lands in one slot.
@@ -563,6 +564,7 @@ class RedisStorage:
         self._outbox_due = prefix + "idx:outbox"
         self._outbox_dead = prefix + "idx:dead"
         self._counts = prefix + "counts"
+        self._instances = prefix + "instances"
 
     @classmethod
     def from_url(cls, url: str) -> RedisStorage:
@@ -968,6 +970,24 @@ class RedisStorage:
                     entries = await pipe.execute()
                 counted += sum(1 for e in entries if e[0] is None or e[1] is not None)
         return min(counted, limit)
+
+    # -- instance liveness ----------------------------------------------------------------------
+
+    async def beat(self, instance_id: str, mark: float) -> None:
+        client = self._conn()
+        with _translated():
+            await client.hset(self._instances, instance_id, _num(mark))
+
+    async def instances(self) -> dict[str, float]:
+        client = self._conn()
+        with _translated():
+            stored = await client.hgetall(self._instances)
+        return {str(i): float(m) for i, m in stored.items()}
+
+    async def forget_instance(self, instance_id: str) -> None:
+        client = self._conn()
+        with _translated():
+            await client.hdel(self._instances, instance_id)
 
 
 def __getattr__(name: str) -> Any:

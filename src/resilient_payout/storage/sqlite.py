@@ -136,6 +136,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             WHERE delivered_at IS NULL
         """,
     ),
+    # 4: the instance liveness registry (one row per running instance, its latest heartbeat).
+    ("CREATE TABLE instances (id TEXT PRIMARY KEY, mark REAL NOT NULL)",),
 )
 
 _SCHEMA_VERSION = len(_MIGRATIONS)
@@ -273,6 +275,15 @@ ORDER BY p.updated_at
 LIMIT ?
 """  # noqa: S608 -- constants and placeholders only
 
+_BEAT = """
+INSERT INTO instances (id, mark) VALUES (?, ?)
+ON CONFLICT (id) DO UPDATE SET mark = excluded.mark
+"""
+
+_INSTANCES = "SELECT id, mark FROM instances"
+
+_FORGET_INSTANCE = "DELETE FROM instances WHERE id = ?"
+
 _LISTING = Listing(
     payouts="payouts",
     outbox="outbox",
@@ -281,8 +292,10 @@ _LISTING = Listing(
     outbox_join="outbox o CROSS JOIN payouts p ON p.id = o.payout_id",  # the outbox first
 )
 
-# Primary result codes meaning "not now": another writer holds the lock, or the file is
-# unreachable. Anything else is a plain StorageError.
+# Primary result codes meaning "not now": another writer holds the lock, the file is
+# unreachable, or the disk is full (the write is rolled back whole; it succeeds once space is
+# freed, as PostgreSQL's disk_full is StorageUnavailable too). Anything else is a plain
+# StorageError.
 _UNAVAILABLE_CODES = frozenset(
     {
         sqlite3.SQLITE_BUSY,
@@ -290,6 +303,7 @@ _UNAVAILABLE_CODES = frozenset(
         sqlite3.SQLITE_CANTOPEN,
         sqlite3.SQLITE_IOERR,
         sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_FULL,
     }
 )
 
@@ -555,7 +569,18 @@ class SQLiteStorage:
                     return decode_payout(*rows[0]), False
             raise StorageUnavailable(f"SQLite: payout {payout.id!r} kept being pruned")
 
+        if self._synchronous == "submitting" and payout.status is PayoutStatus.SUBMITTING:
+            # Created straight into submitting, a POST follows: fsync, as compare_and_set does.
+            return await self._run(lambda db: self._fully_synced(db, op))
         return await self._run(op)
+
+    @staticmethod
+    def _fully_synced(db: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> T:
+        db.execute("PRAGMA synchronous = FULL")
+        try:
+            return op(db)
+        finally:
+            db.execute("PRAGMA synchronous = NORMAL")
 
     @contextlib.contextmanager
     def _partner_ref(self, db: sqlite3.Connection, payout: Payout) -> Iterator[None]:
@@ -597,13 +622,7 @@ class SQLiteStorage:
         durable = self._synchronous == "submitting" and payout.status is PayoutStatus.SUBMITTING
 
         def op(db: sqlite3.Connection) -> Payout | None:
-            if not durable:
-                return write(db)
-            db.execute("PRAGMA synchronous = FULL")
-            try:
-                return write(db)
-            finally:
-                db.execute("PRAGMA synchronous = NORMAL")
+            return self._fully_synced(db, write) if durable else write(db)
 
         def write(db: sqlite3.Connection) -> Payout | None:
             if outbox is None:
@@ -720,3 +739,14 @@ class SQLiteStorage:
             return len(ids)
 
         return await self._run(op, write=not dry_run)
+
+    # -- instance liveness ----------------------------------------------------------------------
+
+    async def beat(self, instance_id: str, mark: float) -> None:
+        await self._query(_BEAT, (instance_id, mark), write=True)
+
+    async def instances(self) -> dict[str, float]:
+        return {str(i): float(m) for i, m in await self._query(_INSTANCES, write=False)}
+
+    async def forget_instance(self, instance_id: str) -> None:
+        await self._query(_FORGET_INSTANCE, (instance_id,), write=True)

@@ -30,7 +30,7 @@ class SkewedClock:
 
 
 class StallingStorage:
-    """Wraps a storage; after a compare-and-set that moved a payout into ``submitting``, the
+    """Wraps a storage; after a write that moved a payout into ``submitting``, the
     writer stalls for ``stall(payout)`` seconds before it gets the answer, as a process does when
     the loop lags, the GC runs or the VM freezes between committing and sending.
 
@@ -45,15 +45,26 @@ class StallingStorage:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    async def create_if_absent(self, payout: Payout) -> tuple[Payout, bool]:
+        # A new payout is created straight into ``submitting``: the same stall applies.
+        stored, created = await self._inner.create_if_absent(payout)
+        if created:
+            await self._after_write(stored)
+        return stored, created
+
     async def compare_and_set(
         self, payout: Payout, *, expected_version: int, outbox: OutboxEntry | None = None
     ) -> Payout | None:
         stored: Payout | None = await self._inner.compare_and_set(
             payout, expected_version=expected_version, outbox=outbox
         )
-        if stored is not None and stored.status is PayoutStatus.SUBMITTING:
+        if stored is not None:
+            await self._after_write(stored)
+        return stored
+
+    async def _after_write(self, stored: Payout) -> None:
+        if stored.status is PayoutStatus.SUBMITTING:
             seconds = self._stall(stored)
             if seconds > 0:
                 self.stalls.append((stored.id, seconds))
                 await anyio.sleep(seconds)
-        return stored

@@ -1117,6 +1117,46 @@ class StorageContract:
             PayoutStatus.DECLINED: 1,
         }
 
+    # -- instance liveness --------------------------------------------------------------------
+
+    async def test_beat_then_instances_shows_the_mark(self, storage: Storage) -> None:
+        assert await storage.instances() == {}
+        await storage.beat("instance-a", T0 + 0.1)
+        await storage.beat("instance-b", 12.5)  # a monotonic clock's mark: any float
+        assert await storage.instances() == {"instance-a": T0 + 0.1, "instance-b": 12.5}
+        assert sum((await storage.count_by_status()).values()) == 0  # no payout involved
+
+    async def test_a_second_beat_replaces_the_mark(self, storage: Storage) -> None:
+        await storage.beat("instance-a", T0)
+        await storage.beat("instance-b", T0)
+        await storage.beat("instance-a", T0 + 1.25)
+        assert await storage.instances() == {"instance-a": T0 + 1.25, "instance-b": T0}
+        await storage.beat("instance-a", T0 - 3.0)  # only change counts, not direction
+        assert (await storage.instances())["instance-a"] == T0 - 3.0
+
+    async def test_forget_instance_removes_it_and_is_idempotent(self, storage: Storage) -> None:
+        await storage.beat("instance-a", T0)
+        await storage.beat("instance-b", T0 + 1)
+        await storage.forget_instance("instance-a")
+        assert await storage.instances() == {"instance-b": T0 + 1}
+        await storage.forget_instance("instance-a")
+        await storage.forget_instance("never-beat")
+        assert await storage.instances() == {"instance-b": T0 + 1}
+        await storage.beat("instance-a", T0 + 2)  # a restart under the same name
+        assert await storage.instances() == {"instance-a": T0 + 2, "instance-b": T0 + 1}
+
+    async def test_instances_survive_close_and_open(self, storage: Storage) -> None:
+        await storage.beat("instance-a", T0)
+        await storage.close()
+        await storage.open()
+        assert await storage.instances() == {"instance-a": T0}
+
+    async def test_fifty_concurrent_beats_of_different_ids_are_all_visible(
+        self, storage: Storage
+    ) -> None:
+        await _gather([partial(storage.beat, f"instance-{i:02}", T0 + i) for i in range(50)])
+        assert await storage.instances() == {f"instance-{i:02}": T0 + i for i in range(50)}
+
     # -- the client on this backend ------------------------------------------------------
 
     async def test_fifty_concurrent_submits_across_clients_make_one_payout_and_one_post(
@@ -1311,3 +1351,25 @@ class MultiInstanceContract:
         (again,) = await StorageContract.claim_outbox(a, T0 + 2, owner="a")
         assert again.payout_id == "p-1"
         assert await a.count_dead_outbox() == 0
+
+    async def test_instances_see_each_others_beats(self, open_instances: OpenInstances) -> None:
+        a, b = await open_instances(2)
+        await a.beat("instance-a", T0)
+        assert await b.instances() == {"instance-a": T0}
+        await b.beat("instance-b", T0 + 5)
+        await b.beat("instance-a", T0 + 1)  # one instance's beat written through another
+        assert await a.instances() == {"instance-a": T0 + 1, "instance-b": T0 + 5}
+        await a.forget_instance("instance-b")  # its leftovers were taken over
+        assert await b.instances() == {"instance-a": T0 + 1}
+
+    async def test_concurrent_beats_across_instances_are_all_visible(
+        self, open_instances: OpenInstances
+    ) -> None:
+        stores = await open_instances(self.INSTANCES)
+        n = len(stores)
+        await _gather(
+            [partial(stores[i % n].beat, f"instance-{i:02}", T0 + i / 8) for i in range(50)]
+        )
+        expected = {f"instance-{i:02}": T0 + i / 8 for i in range(50)}
+        for store in stores:
+            assert await store.instances() == expected

@@ -34,6 +34,8 @@ class Tx:
     finals: list[str] = field(default_factory=list)
     """Every distinct final status, in the order first told."""
     pushes: list[str] = field(default_factory=list)
+    pushed_at: float | None = None
+    """When the first push for it arrived (loop clock)."""
     gets: int = 0
     get_404s: int = 0
     requests: int = 0

@@ -7,7 +7,8 @@ import contextlib
 import math
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from types import MappingProxyType
 from typing import Literal
 
 import anyio
@@ -118,6 +119,11 @@ class Simulator:
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self._bound_port or self.config.listen_port}"
+
+    @property
+    def transactions(self) -> Mapping[str, Tx]:
+        """Every payout of the run as the app saw it (complete once :meth:`run` returned)."""
+        return MappingProxyType(self._txs)
 
     async def run(self, progress: bool = False) -> SimulationReport:
         """Send the load, wait for every final and for the partner to settle (both bounded by the
@@ -348,6 +354,8 @@ class Simulator:
             return Response(status_code=204)
         if tx.pushes:
             count.repeat_pushes += 1
+        else:
+            tx.pushed_at = anyio.current_time()
         tx.pushes.append(status)
         self._observe(tx, status, "push")
         return Response(status_code=204)
