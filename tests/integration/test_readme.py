@@ -25,7 +25,7 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     with mock_partner() as url:
         out = run_code(code, tmp_path, {"PARTNER_URL": url}).stdout.splitlines()
         truth = httpx.get(f"{url}/_mock/truth", timeout=5).json()
-    assert out[0] == "received False"
+    assert out[0] == "submitting False"
     expected = truth["transactions"]["order-1001"]["status"]
     assert out[1] == f"{expected} partner_answer"
     assert (tmp_path / "payouts.db").exists()
