@@ -44,12 +44,15 @@ async def running(
 
 @asynccontextmanager
 async def crashing(
-    storage: MemoryStorage, partner: FakePartner, **kw: Any
+    storage: MemoryStorage,
+    partner: FakePartner,
+    push: Callable[[str, PayoutStatus], Awaitable[object]] | None = None,
+    **kw: Any,
 ) -> AsyncIterator[tuple[PayoutClient, anyio.CancelScope]]:
     """A running client that dies (cancelled: no drain, no cleanup writes, as a killed process)
     when the test cancels the scope it yields."""
     with anyio.CancelScope() as scope:
-        async with running(storage, partner, **kw) as client:
+        async with running(storage, partner, push, **kw) as client:
             yield client, scope
             await anyio.sleep_forever()
 

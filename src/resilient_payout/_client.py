@@ -288,6 +288,11 @@ class PayoutClient:
             with self.guard(p.id, "recovering it after a restart"):
                 await self._apply(p, OwnerGone(self.instance_id))
                 self.stats.takeovers += 1
+        # Its claims too (checks, pushes): else they wait out their leases, up to `lease`.
+        with self.guard(self.instance_id, "releasing the leases of an earlier run"):
+            released = await self.storage.release_leases(self.instance_id, self.clock.now())
+            if released:
+                log.warning("instance %s restarted: released %d leases", self.instance_id, released)
 
     async def _hand_over(self) -> None:
         """After a drain: POSTs it cut short become ``unknown`` and due now; claimed work and
@@ -298,12 +303,11 @@ class PayoutClient:
                 with self.guard(p.id, "handing it over"):
                     await self._apply(p, OwnerGone(self.instance_id))
                     self.stats.handed_over += 1
-        for p in self.due.unreleased():
-            with self.guard(p.id, "releasing its lease"):
-                if await self.storage.compare_and_set(p, expected_version=p.version):
-                    self.stats.handed_over += 1
-        if self.outbox is not None:
-            await self.outbox.hand_back()
+        # Claimed checks and pushes, cut short or not yet started: claimable by others now.
+        with self.guard(self.instance_id, "releasing its leases"):
+            self.stats.handed_over += await self.storage.release_leases(
+                self.instance_id, self.clock.now()
+            )
         with self.guard(self.instance_id, "leaving the liveness registry"):
             await self.storage.forget_instance(self.instance_id)
 
@@ -588,7 +592,6 @@ class PayoutClient:
         return None
 
     def _written(self, before: Payout, stored: Payout, notified: bool) -> None:
-        self.due.written(stored.id)
         if stored.is_final and notified and stored.resolved_by is not None:
             bump(self.stats.resolved, stored.resolved_by.value)
         if stored.is_final:

@@ -48,8 +48,6 @@ class DueWork:
     def __init__(self, client: PayoutClient) -> None:
         self._client = client
         self._running: set[str] = set()
-        self._leased: dict[str, Payout] = {}
-        """Claimed records whose lease no write has released yet (see :meth:`unreleased`)."""
         self._wake = anyio.Event()
 
     def wake(self) -> None:
@@ -58,16 +56,6 @@ class DueWork:
     def done(self, payout_id: str) -> None:
         """The work on ``payout_id`` is over (it may be claimed again when due)."""
         self._running.discard(payout_id)
-
-    def written(self, payout_id: str) -> None:
-        """A compare-and-set of ``payout_id`` succeeded: it released our lease."""
-        self._leased.pop(payout_id, None)
-
-    def unreleased(self) -> list[Payout]:
-        """Claimed records still leased to us, as claimed: rewriting one unchanged (a
-        compare-and-set on its claimed version) hands it to whoever is next, at once."""
-        leased, self._leased = list(self._leased.values()), {}
-        return leased
 
     async def run(self, tg: TaskGroup) -> None:
         client = self._client
@@ -83,7 +71,6 @@ class DueWork:
                 log.warning("claiming due work failed, retrying: %s", exc)
                 batch, nxt = [], None
             for p in batch:
-                self._leased[p.id] = p
                 if p.id not in self._running:
                     self._running.add(p.id)
                     client.spawn(tg, client._run_guarded, p, WorkDue())
@@ -202,8 +189,6 @@ class OutboxWork:
         self._client = client
         self._notifier = notifier
         self._wake = anyio.Event()
-        self.in_flight: set[str] = set()
-        """Payout ids whose entry this process has claimed and not yet settled."""
 
     def wake(self) -> None:
         self._wake.set()
@@ -227,7 +212,6 @@ class OutboxWork:
                 log.warning("claiming outbox entries failed, retrying: %s", exc)
                 entries = []
             for entry in entries:
-                self.in_flight.add(entry.payout_id)
                 client.spawn(tg, self._deliver, entry)
             if len(entries) == CLAIM_BATCH:
                 await anyio.lowlevel.checkpoint()
@@ -250,17 +234,6 @@ class OutboxWork:
                     await client.storage.ack_outbox(entry.payout_id, delivered_at=now)
                 else:
                     await self._refused(entry)
-                self.in_flight.discard(entry.payout_id)
-
-    async def hand_back(self) -> None:
-        """Release the entries whose push a drain cut short: due again now, elsewhere."""
-        client = self._client
-        for payout_id in sorted(self.in_flight):
-            with client.guard(payout_id, "handing its push back"):
-                await client.storage.retry_outbox(
-                    payout_id, next_attempt_at=client.clock.now(), error="push cut short by exit"
-                )
-        self.in_flight.clear()
 
     async def _refused(self, entry: OutboxEntry) -> None:
         client = self._client
@@ -299,6 +272,8 @@ class Liveness:
         self._client = client
         self._seen: dict[str, tuple[float, float]] = {}
         """instance -> (its mark, our loop time when we first saw that mark)."""
+        self._taken: set[str] = set()
+        """Silent instances whose payouts we took over; their pushes are released later."""
 
     async def run(self, watch: bool) -> None:
         client = self._client
@@ -316,18 +291,27 @@ class Liveness:
     async def _watch(self, marks: dict[str, float]) -> None:
         client = self._client
         here = anyio.current_time()
+        policy = client.policy
         for instance in set(self._seen) - set(marks):
             del self._seen[instance]  # forgotten: it left cleanly, or was taken over
+            self._taken.discard(instance)
         for instance, mark in marks.items():
             if instance == client.instance_id:
                 continue
             seen = self._seen.get(instance)
             if seen is None or seen[0] != mark:
                 self._seen[instance] = (mark, here)
-            elif here - seen[1] >= client.policy.takeover_after:
+                self._taken.discard(instance)  # alive after all: it beats again
+                continue
+            silent = here - seen[1]
+            if silent >= policy.takeover_after + policy.notify_timeout:
+                await self._release_pushes(instance)
+            elif silent >= policy.takeover_after and instance not in self._taken:
                 await self._take_over(instance)
 
     async def _take_over(self, instance: str) -> None:
+        """Its payouts now: a payout's version guards every write, so a wrong guess costs a
+        status check. Its claimed checks too, else they wait out ``lease``."""
         client = self._client
         with client.guard(instance, "taking over a silent instance"):
             held = await owned_by(client, instance)
@@ -341,8 +325,25 @@ class Liveness:
                 with client.guard(p.id, "recovering it from a silent instance"):
                     await client._apply(p, OwnerGone(instance))
                     client.stats.takeovers += 1
+            now = client.clock.now()
+            released = await client.storage.release_leases(instance, now, outbox=False)
+            client.stats.takeovers += released
+            self._taken.add(instance)
+
+    async def _release_pushes(self, instance: str) -> None:
+        """Its pushes, ``notify_timeout`` later: nothing guards a push but its lease, and an
+        instance merely frozen may hold one open, which the app would then get twice. Waiting
+        narrows that window to a freeze longer than a push may take; the lease's end (minutes:
+        a whole round of retries) would be far too long a wait for a dead one."""
+        client = self._client
+        with client.guard(instance, "releasing a silent instance's pushes"):
+            if instance not in self._taken:
+                await self._take_over(instance)  # we first saw it late: both at once
+            released = await client.storage.release_leases(instance, client.clock.now())
+            client.stats.takeovers += released
             await client.storage.forget_instance(instance)
             self._seen.pop(instance, None)
+            self._taken.discard(instance)
 
 
 async def owned_by(client: PayoutClient, instance: str) -> list[Payout]:

@@ -39,7 +39,7 @@ async def _opened(url: str, schema: str, **options: Any) -> PostgresStorage:
 
 
 def test_from_url_takes_bg_pool_max() -> None:
-    assert PostgresStorage.from_url("postgresql://localhost/db")._bg_pool_max == 3
+    assert PostgresStorage.from_url("postgresql://localhost/db")._bg_pool_max == 2
     shared = PostgresStorage.from_url("postgresql://localhost/db?bg_pool_max=0&sslmode=x")
     assert (shared._bg_pool_max, shared._dsn) == (0, "postgresql://localhost/db?sslmode=x")
     with pytest.raises(ValueError, match="bg_pool_max") as raised:

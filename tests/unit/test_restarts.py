@@ -23,7 +23,7 @@ from resilient_payout import (
 from resilient_payout._lifecycle import OwnerGone, StatusChecked, SubmitNow, decide
 from resilient_payout._model import Found
 from resilient_payout.storage.memory import MemoryStorage
-from resilient_payout.testing import VIRTUAL_TIME_BACKEND, Fate, Script
+from resilient_payout.testing import VIRTUAL_TIME_BACKEND, FakePartner, Fate, Script
 from tests._harness import crashing, running, scripted, settled
 
 pytestmark = pytest.mark.anyio
@@ -250,3 +250,82 @@ async def test_a_drain_releases_claimed_checks_so_the_next_instance_need_not_wai
                 await settled(second, f"u{i}", within=500)
             first_check = min(t for t in partner.check_times if t >= restart)
     assert first_check - restart < 2.0  # not the 30 s lease
+
+
+async def test_a_restart_under_its_name_pushes_an_outcome_its_crashed_run_had_claimed_at_once() -> (
+    None
+):
+    # The crashed run had claimed the push (its lease outlasts a notify round: a minute or
+    # more); the restarted run releases its own old leases and pushes at once.
+    storage = MemoryStorage()
+    pushed: list[tuple[str, PayoutStatus, float]] = []
+
+    async def hang(payout_id: str, status: PayoutStatus) -> None:
+        await anyio.sleep_forever()
+
+    async def record(payout_id: str, status: PayoutStatus) -> None:
+        pushed.append((payout_id, status, anyio.current_time()))
+
+    async with scripted(Script(answer_delay=1, webhook=False)) as partner:
+        async with crashing(storage, partner, hang, instance_id="slot-1") as (first, die):
+            await first.submit({"id": "k"})
+            await anyio.sleep(3)  # answered at 1 s; its push is open
+            die.cancel()
+        entry = await storage.get_outbox("k")
+        assert entry is not None
+        assert entry.delivered_at is None
+        assert entry.next_attempt_at - anyio.current_time() > 30  # the lease's end
+        restart = anyio.current_time()
+        async with running(storage, partner, record, instance_id="slot-1") as again:
+            await anyio.sleep(2)
+    assert [(pid, status) for pid, status, _ in pushed] == [("k", S.COMPLETED)]
+    assert pushed[0][2] - restart < 1.0
+    assert again.stats.notifications_delivered == 1
+
+
+async def test_a_takeover_releases_a_dead_ones_checks_at_once_and_its_pushes_soon_after() -> None:
+    storage = MemoryStorage()
+    uncertain = Script(Fate.TIMEOUT_LAND, PartnerStatus.COMPLETED, land_after=40, webhook=False)
+    answered = Script(answer_delay=1, webhook=False)
+    slow_budget = POLICY.replace(check_rate=0.01, check_burst=1)
+    ids = ("u0", "u1", "u2")
+    pushes: list[tuple[str, float]] = []
+
+    async def hang(payout_id: str, status: PayoutStatus) -> None:
+        await anyio.sleep_forever()
+
+    async def record(payout_id: str, status: PayoutStatus) -> None:
+        pushes.append((payout_id, anyio.current_time()))
+
+    partner = FakePartner(script=lambda pid, _n: answered if pid == "pushed" else uncertain)
+    async with partner:
+        with anyio.CancelScope() as die:
+            async with running(storage, partner, hang, policy=slow_budget, instance_id="v") as v:
+                for i in ids:
+                    await v.submit({"id": i})
+                # 504s at 30 s, unknown, claimed for checks the budget withholds; claimed
+                # again when those leases ran out (at about 63 s)
+                await anyio.sleep(66)
+                await v.submit({"id": "pushed"})
+                await anyio.sleep(2)  # answered at 1 s; its push is open, leased to v
+                left = [await storage.get(i) for i in ids]
+                unknown = [p.id for p in left if p is not None and p.status is S.UNKNOWN]
+                assert len(unknown) >= 2
+                die.cancel()
+        died = anyio.current_time()
+        async with running(storage, partner, record, instance_id="survivor") as survivor:
+            for i in ids:
+                p = await settled(survivor, i, within=500)
+                assert p.status is S.COMPLETED
+            checked = min(t for t in partner.check_times if t >= died)
+            await anyio.sleep(300)
+    # Released at the takeover (takeover_after and a few beats), not after the 30 s lease.
+    assert checked - died < POLICY.takeover_after + 4 * POLICY.heartbeat_interval
+    assert survivor.stats.takeovers >= len(unknown)
+    assert sorted(pid for pid, _ in pushes) == ["pushed", *ids]
+    # Its open push: released notify_timeout after the takeover, not at the lease's end
+    # (a whole round of retries: minutes).
+    late = next(t for pid, t in pushes if pid == "pushed")
+    takeover = POLICY.takeover_after + POLICY.notify_timeout
+    assert takeover <= late - died <= takeover + 4 * POLICY.heartbeat_interval
+    assert all(partner.reached(i) == 1 for i in ("pushed", *ids))

@@ -88,6 +88,24 @@ class Storage(Protocol):
         lease's end, so a dead claimer's entry comes back by itself)."""
         ...
 
+    async def release_leases(self, owner: str, now: float, *, outbox: bool = True) -> int:
+        """End every lease ``owner`` holds, on payouts and (unless ``outbox`` is false) outbox
+        entries, so that they are claimable at ``now`` (for an owner known to be gone: it need
+        not wait out its leases). ``outbox=False`` is for an owner only presumed gone: a push it
+        may still have open would be sent twice, while a payout's version guards its writes.
+
+        The result is what those leases running out at ``now`` would leave: a payout keeps its
+        version and ``next_check_at``; an outbox entry's ``next_attempt_at`` (which was the
+        lease's end) becomes ``now`` if it was later. Versions are not bumped, because the next
+        claim bumps them: the old owner's compare-and-set on the version it claimed still
+        succeeds while nobody has claimed the payout again (as after an expiry), and fails
+        once someone has. Leases of other owners, and leases already ended (by a
+        compare-and-set, an ack, a retry), are untouched. Returns how many leases were still
+        running (``lease_until > now``); leases of ``owner`` that had already run out are
+        cleared too, uncounted. Idempotent; atomic per call.
+        """
+        ...
+
     async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
         """Mark the entry delivered, also a dead one (the app has it). Idempotent."""
         ...

@@ -193,6 +193,12 @@ class MemoryStorage:
         self._payouts: dict[str, Payout] = {}
         self._leases: dict[str, tuple[str, float]] = {}
         """Claimed payouts: owner and lease end. Dropped by the next compare-and-set."""
+        self._owned: dict[str, set[str]] = {}
+        """Owner -> the payouts of ``_leases`` it holds (for ``release_leases``)."""
+        self._outbox_leases: dict[str, tuple[str, float]] = {}
+        """Claimed outbox entries: owner and lease end (claims go by ``next_attempt_at``; this
+        is for ``release_leases``). Dropped by an ack, retry, dead-lettering or re-queue."""
+        self._outbox_owned: dict[str, set[str]] = {}
         self._counts: Counter[PayoutStatus] = Counter()
         self._outbox: dict[str, OutboxEntry] = {}
         self._dead: set[str] = set()
@@ -301,6 +307,33 @@ class MemoryStorage:
         e = self._outbox.get(payout_id)
         return e is not None and e.delivered_at is None
 
+    @staticmethod
+    def _lease(
+        leases: dict[str, tuple[str, float]],
+        owned: dict[str, set[str]],
+        item: str,
+        lease: tuple[str, float] | None,
+    ) -> tuple[str, float] | None:
+        """Give ``item`` the lease ``lease`` (None: none) in ``leases``, keeping the per-owner
+        sets ``owned`` in step; the lease it had, if any."""
+        old = leases.pop(item, None)
+        if old is not None:
+            held = owned[old[0]]
+            held.discard(item)
+            if not held:
+                del owned[old[0]]
+        if lease is not None:
+            leases[item] = lease
+            owned.setdefault(lease[0], set()).add(item)
+        return old
+
+    def _lease_payout(self, payout_id: str, lease: tuple[str, float] | None) -> bool:
+        """Set or drop a payout's lease; whether it had one."""
+        return self._lease(self._leases, self._owned, payout_id, lease) is not None
+
+    def _lease_entry(self, payout_id: str, lease: tuple[str, float] | None) -> None:
+        self._lease(self._outbox_leases, self._outbox_owned, payout_id, lease)
+
     # -- the contract -------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -344,7 +377,7 @@ class MemoryStorage:
         old_key = self._due_key(payout.id)
         stored = replace(payout, version=expected_version + 1, request=_copy(payout.request))
         self._payouts[payout.id] = stored
-        was_leased = self._leases.pop(payout.id, None) is not None
+        was_leased = self._lease_payout(payout.id, None)
         self._counts[current.status] -= 1
         self._counts[stored.status] += 1
         new_key = self._due_key(payout.id)
@@ -379,7 +412,7 @@ class MemoryStorage:
             p = self._payouts[payout_id]
             p = replace(p, version=p.version + 1)
             self._payouts[payout_id] = p
-            self._leases[payout_id] = (owner, until)
+            self._lease_payout(payout_id, (owner, until))
             self._leased.push(until, payout_id)
             claimed.append(p)
             return True
@@ -403,6 +436,7 @@ class MemoryStorage:
         def claim(payout_id: str) -> bool:
             e = replace(self._outbox[payout_id], next_attempt_at=until)
             self._outbox[payout_id] = e
+            self._lease_entry(payout_id, (owner, until))
             self._outbox_due.push(until, payout_id)
             claimed.append(e)
             return True
@@ -410,11 +444,30 @@ class MemoryStorage:
         self._outbox_due.pop_due(now, limit, claim)
         return claimed
 
+    async def release_leases(self, owner: str, now: float, *, outbox: bool = True) -> int:
+        await checkpoint()
+        released = 0
+        for pid in self._owned.pop(owner, set()):
+            _, until = self._leases.pop(pid)
+            released += until > now
+            # Back among the candidates; its _leased heap entry goes stale. Also for a lease
+            # already run out: the next claim would have moved it back by that heap entry.
+            self._ready.push(self._due_key(pid), pid)
+        for pid in self._outbox_owned.pop(owner, set()) if outbox else ():
+            _, until = self._outbox_leases.pop(pid)
+            released += until > now
+            e = self._outbox[pid]
+            if e.next_attempt_at > now:
+                self._outbox[pid] = replace(e, next_attempt_at=now)
+                self._outbox_due.push(now, pid)
+        return released
+
     async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
         await checkpoint()
         e = self._outbox.get(payout_id)
         if e is not None and e.delivered_at is None:
             self._outbox[payout_id] = replace(e, delivered_at=delivered_at, dead_at=None)
+            self._lease_entry(payout_id, None)
             self._dead.discard(payout_id)
             p = self._payouts.get(payout_id)
             if p is not None:
@@ -428,6 +481,7 @@ class MemoryStorage:
         self._outbox[payout_id] = replace(
             e, attempts=e.attempts + 1, next_attempt_at=next_attempt_at, last_error=error
         )
+        self._lease_entry(payout_id, None)
         self._outbox_due.push(next_attempt_at, payout_id)
 
     async def dead_letter_outbox(self, payout_id: str, *, at: float, error: str) -> None:
@@ -437,6 +491,7 @@ class MemoryStorage:
             return
         # Its heap entry goes stale (the key is None now) and is dropped when it surfaces.
         self._outbox[payout_id] = replace(e, attempts=e.attempts + 1, last_error=error, dead_at=at)
+        self._lease_entry(payout_id, None)
         self._dead.add(payout_id)
 
     async def requeue_outbox(self, payout_id: str, *, next_attempt_at: float) -> bool:
@@ -447,6 +502,7 @@ class MemoryStorage:
         self._outbox[payout_id] = replace(
             e, next_attempt_at=next_attempt_at, delivered_at=None, dead_at=None, attempts=0
         )
+        self._lease_entry(payout_id, None)
         self._dead.discard(payout_id)
         self._outbox_due.push(next_attempt_at, payout_id)
         p = self._payouts.get(payout_id)
@@ -537,7 +593,8 @@ class MemoryStorage:
             p = self._payouts.pop(pid)
             self._index(p, None)
             self._counts[p.status] -= 1
-            self._leases.pop(pid, None)
+            self._lease_payout(pid, None)
+            self._lease_entry(pid, None)
             self._outbox.pop(pid, None)
             self._dead.discard(pid)
             ref = self._ref_of.pop(pid, None)

@@ -143,6 +143,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         mark double precision NOT NULL
     );
     """,
+    # 5: the leases of one owner, for release_leases. Small indexes (only rows in flight are
+    # leased), but each build reads its whole table, blocking writes to it meanwhile.
+    """
+    CREATE INDEX payouts_lease_owner ON {s}.payouts (lease_owner) WHERE lease_owner IS NOT NULL;
+    CREATE INDEX outbox_lease_owner ON {s}.outbox (lease_owner) WHERE lease_owner IS NOT NULL;
+    """,
 )
 """The schema, step by step: step ``i`` (1-based) takes the schema from version ``i - 1`` to
 ``i``. Only ever append; ``{s}`` is the quoted schema name."""
@@ -257,6 +263,42 @@ RETURNING {_OUTBOX_RETURNING}
 
 _GET_OUTBOX = f"SELECT {_OUTBOX_COLUMNS} FROM {{s}}.outbox WHERE payout_id = $1"  # noqa: S608
 
+# One statement, so one transaction. The running leases (counted) and those already run out
+# are disjoint sets of rows, as the sub-statements of one WITH must be; `lease_owner = $1`
+# implies IS NOT NULL, so the partial indexes serve all four. An entry's lease end doubled as
+# its next attempt.
+_RELEASE_LEASES = """
+WITH running AS (
+    UPDATE {s}.payouts SET lease_owner = NULL, lease_until = NULL
+    WHERE lease_owner = $1 AND lease_until > $2
+    RETURNING 1
+), spent AS (
+    UPDATE {s}.payouts SET lease_owner = NULL, lease_until = NULL
+    WHERE lease_owner = $1 AND lease_until <= $2
+), running_outbox AS (
+    UPDATE {s}.outbox
+    SET lease_owner = NULL, lease_until = NULL, next_attempt_at = least(next_attempt_at, $2)
+    WHERE lease_owner = $1 AND lease_until > $2
+    RETURNING 1
+), spent_outbox AS (
+    UPDATE {s}.outbox SET lease_owner = NULL, lease_until = NULL
+    WHERE lease_owner = $1 AND lease_until <= $2
+)
+SELECT (SELECT count(*) FROM running) + (SELECT count(*) FROM running_outbox)
+"""
+
+_RELEASE_PAYOUT_LEASES = """
+WITH running AS (
+    UPDATE {s}.payouts SET lease_owner = NULL, lease_until = NULL
+    WHERE lease_owner = $1 AND lease_until > $2
+    RETURNING 1
+), spent AS (
+    UPDATE {s}.payouts SET lease_owner = NULL, lease_until = NULL
+    WHERE lease_owner = $1 AND lease_until <= $2
+)
+SELECT count(*) FROM running
+"""
+
 _ACK_OUTBOX = """
 UPDATE {s}.outbox SET delivered_at = $2, dead_at = NULL, lease_owner = NULL, lease_until = NULL
 WHERE payout_id = $1 AND delivered_at IS NULL
@@ -342,7 +384,18 @@ _INSTANCES = "SELECT id, mark FROM {s}.instances"
 _FORGET_INSTANCE = "DELETE FROM {s}.instances WHERE id = $1"
 
 _BACKGROUND: Final = frozenset(
-    {"claim_due", "next_due", "claim_outbox", "count", "count_dead", "ops", "prune", "prune_dry"}
+    {
+        "claim_due",
+        "next_due",
+        "claim_outbox",
+        "release_leases",
+        "release_payout_leases",
+        "count",
+        "count_dead",
+        "ops",
+        "prune",
+        "prune_dry",
+    }
 )
 """Statements of background work: scans of many rows (and list_payouts, see _fetch_sql), run on
 the background pool. Everything else reads or writes one row for a request, a worker's decision
@@ -404,7 +457,7 @@ class PostgresStorage:
         connect_timeout: float = 10.0,
         command_timeout: float | None = 30.0,
         pool_timeout: float | None = 10.0,
-        bg_pool_max: int = 3,
+        bg_pool_max: int = 2,
     ) -> None:
         if not _SCHEMA_NAME.match(schema):
             raise ValueError(
@@ -440,6 +493,8 @@ class PostgresStorage:
                 "next_due": _NEXT_DUE,
                 "claim_outbox": _CLAIM_OUTBOX,
                 "get_outbox": _GET_OUTBOX,
+                "release_leases": _RELEASE_LEASES,
+                "release_payout_leases": _RELEASE_PAYOUT_LEASES,
                 "ack_outbox": _ACK_OUTBOX,
                 "retry_outbox": _RETRY_OUTBOX,
                 "dead_letter_outbox": _DEAD_LETTER_OUTBOX,
@@ -487,7 +542,7 @@ class PostgresStorage:
         try:
             pool_min = int(ours.get("pool_min", 1))
             pool_max = int(ours.get("pool_max", max(10, pool_min)))
-            bg_pool_max = int(ours.get("bg_pool_max", 3))
+            bg_pool_max = int(ours.get("bg_pool_max", 2))
         except ValueError:
             # The parameters only: the URL may carry a password.
             msg = "PostgreSQL URL options pool_min, pool_max and bg_pool_max must be integers"
@@ -763,6 +818,12 @@ class PostgresStorage:
         entries = [decode_outbox(*r) for r in rows]
         entries.sort(key=lambda e: e.payout_id)  # all share next_attempt_at == lease end
         return entries
+
+    async def release_leases(self, owner: str, now: float, *, outbox: bool = True) -> int:
+        # A repeat after a lost connection is harmless: it finds nothing left (and counts 0).
+        statement = "release_leases" if outbox else "release_payout_leases"
+        rows = await self._fetch(statement, owner, now)
+        return int(rows[0][0])
 
     async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
         await self._fetch("ack_outbox", payout_id, delivered_at)

@@ -10,9 +10,10 @@ Keys, all under ``prefix``: a hash per payout (``p:<id>``: version, JSON documen
 lease) and per outbox entry (``o:<id>``), sorted sets of due payouts (``idx:due``; split into
 ``idx:ready`` and ``idx:leased`` so a claim never rescans payouts in flight), of undelivered
 entries (``idx:outbox``) and dead-lettered ones (``idx:dead``), a hash of counts per status
-(``counts``), and the instance liveness registry, a hash of instance id -> mark
-(``instances``). Keys written before dead-lettering existed need no change: an entry without a
-``dead_at`` field is alive, and a missing ``idx:dead`` counts zero. Scripts also touch keys
+(``counts``), a set per lease owner of the hashes it leases (``leases:<owner>``), and the
+instance liveness registry, a hash of instance id -> mark (``instances``). Keys written
+before dead-lettering existed need no change: an entry without a ``dead_at`` field is alive,
+and a missing ``idx:dead`` counts zero. Scripts also touch keys
 they compute from the prefix; on Redis Cluster put a hash tag in it (``{rp}:``) so every key
 lands in one slot.
 
@@ -120,6 +121,24 @@ local function ref_holder(pre, id, ref)
 end
 """
 
+# Who holds what: a set per lease owner (``leases:<owner>``) of the hashes it leases (``p:<id>``,
+# ``o:<id>``), kept in step with the ``lo`` field by every script that writes or ends a lease,
+# so that release_leases reads only the owner's own leases.
+_LEASES = """
+local function lease(pre, key, member, owner, lu)
+  local lo = redis.call('HGET', key, 'lo')
+  if lo and lo ~= owner then redis.call('SREM', pre .. 'leases:' .. lo, member) end
+  redis.call('HSET', key, 'lo', owner, 'lu', lu)
+  redis.call('SADD', pre .. 'leases:' .. owner, member)
+end
+
+local function unlease(pre, key, member)
+  local lo = redis.call('HGET', key, 'lo')
+  if lo then redis.call('SREM', pre .. 'leases:' .. lo, member) end
+  redis.call('HDEL', key, 'lo', 'lu')
+end
+"""
+
 _CREATE = (
     _INDEX
     + """
@@ -140,6 +159,7 @@ return {1}
 
 _CAS = (
     _INDEX
+    + _LEASES
     + """
 local cur = redis.call('HMGET', KEYS[1], 'v', 'status', 'c', 'cf', 'ref')
 local v = cur[1]
@@ -152,7 +172,7 @@ local was = {status = old, c = cur[3], cf = cur[4], ref = cur[5], final = '0'}
 if old == 'completed' or old == 'declined' or old == 'failed' then was.final = '1' end
 local nv = redis.call('HINCRBY', KEYS[1], 'v', 1)
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'doc', ARGV[5])
-redis.call('HDEL', KEYS[1], 'lo', 'lu')
+unlease(pre, KEYS[1], 'p:' .. ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if ARGV[4] ~= '' and ARGV[6] == '0' then
   redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
@@ -192,7 +212,9 @@ return nv
 # Expired leases first go back among the candidates (idx:ready); a candidate whose lease is
 # still running (only if `now` went back in time) goes back to idx:leased. Numbers are passed
 # on as the strings they came in: Lua would print them with 14 digits only.
-_CLAIM_DUE = """
+_CLAIM_DUE = (
+    _LEASES
+    + """
 local now = tonumber(ARGV[1])
 for _, id in ipairs(redis.call('ZRANGE', KEYS[2], '-inf', ARGV[1], 'BYSCORE')) do
   redis.call('ZREM', KEYS[2], id)
@@ -213,7 +235,7 @@ while #out < limit do
       redis.call('ZADD', KEYS[2], lu, id)
     else
       local v = redis.call('HINCRBY', key, 'v', 1)
-      redis.call('HSET', key, 'lo', ARGV[2], 'lu', ARGV[3])
+      lease(ARGV[6], key, 'p:' .. id, ARGV[2], ARGV[3])
       redis.call('ZADD', KEYS[2], ARGV[3], id)
       out[#out + 1] = {v, redis.call('HGET', key, 'doc')}
     end
@@ -221,14 +243,18 @@ while #out < limit do
 end
 return out
 """
+)
 
 # The lease end becomes the next attempt, so a dead claimer's entry comes back by itself.
-_CLAIM_OUTBOX = """
+_CLAIM_OUTBOX = (
+    _LEASES
+    + """
 local out = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE',
                                'LIMIT', 0, ARGV[4])) do
   local key = ARGV[5] .. id
-  redis.call('HSET', key, 'at', ARGV[3], 'lo', ARGV[2], 'lu', ARGV[3])
+  redis.call('HSET', key, 'at', ARGV[3])
+  lease(ARGV[6], key, 'o:' .. id, ARGV[2], ARGV[3])
   redis.call('ZADD', KEYS[1], ARGV[3], id)
   local e = redis.call('HMGET', key, 'status', 'created_at', 'at', 'attempts',
                        'delivered_at', 'error', 'dead_at')
@@ -236,32 +262,70 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE',
 end
 return out
 """
+)
 
-_ACK_OUTBOX = """
+# Every lease in the owner's set ends (outbox ones only if ARGV[4] is '1'); a member whose
+# hash names another owner (or none) is only dropped: left by a version without these sets.
+# A payout goes back among the claim candidates; an entry's next attempt (the lease end)
+# becomes now if it was later.
+_RELEASE_LEASES = """
+local pre, owner, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local entries = ARGV[4] == '1'
+local running = 0
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = pre .. m
+  local f = redis.call('HMGET', key, 'lo', 'lu', 'at')
+  local kept = not entries and string.sub(m, 1, 2) == 'o:'
+  if not kept then redis.call('SREM', KEYS[1], m) end
+  if not kept and f[1] == owner then
+    redis.call('HDEL', key, 'lo', 'lu')
+    if f[2] and tonumber(f[2]) > now then running = running + 1 end
+    local id = string.sub(m, 3)
+    if string.sub(m, 1, 2) == 'p:' then
+      redis.call('ZREM', pre .. 'idx:leased', id)
+      local nca = redis.call('ZSCORE', pre .. 'idx:due', id)
+      if nca then redis.call('ZADD', pre .. 'idx:ready', nca, id) end
+    elseif tonumber(f[3]) > now and redis.call('ZSCORE', pre .. 'idx:outbox', id) then
+      redis.call('HSET', key, 'at', ARGV[3])
+      redis.call('ZADD', pre .. 'idx:outbox', ARGV[3], id)
+    end
+  end
+end
+return running
+"""
+
+_ACK_OUTBOX = (
+    _LEASES
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'delivered_at') == 1
 then return 0 end
 redis.call('HSET', KEYS[1], 'delivered_at', ARGV[2])
-redis.call('HDEL', KEYS[1], 'lo', 'lu', 'dead_at')
+unlease(ARGV[3], KEYS[1], 'o:' .. ARGV[1])
+redis.call('HDEL', KEYS[1], 'dead_at')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', ARGV[3] .. 'idx:undelivered', ARGV[1])
 redis.call('ZREM', ARGV[3] .. 'idx:failing', ARGV[1])
 return 1
 """
+)
 
 # Delivered or dead entries are left alone by a retry and by a dead-lettering.
-_LIVE_OUTBOX_ONLY = """
+_LIVE_OUTBOX_ONLY = (
+    _LEASES
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'delivered_at') == 1
    or redis.call('HEXISTS', KEYS[1], 'dead_at') == 1
 then return 0 end
 """
+)
 
 _RETRY_OUTBOX = (
     _LIVE_OUTBOX_ONLY
     + """
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'at', ARGV[2], 'error', ARGV[3])
-redis.call('HDEL', KEYS[1], 'lo', 'lu')
+unlease(ARGV[4], KEYS[1], 'o:' .. ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', ARGV[4] .. 'idx:failing', redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
 return 1
@@ -274,7 +338,7 @@ _DEAD_LETTER_OUTBOX = (
     + """
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'dead_at', ARGV[2], 'error', ARGV[3])
-redis.call('HDEL', KEYS[1], 'lo', 'lu')
+unlease(ARGV[4], KEYS[1], 'o:' .. ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 redis.call('ZREM', ARGV[4] .. 'idx:failing', ARGV[1])
@@ -283,9 +347,12 @@ return 1
 )
 
 # A fresh schedule: the round counter starts again (the error stays, as history).
-_REQUEUE_OUTBOX = """
+_REQUEUE_OUTBOX = (
+    _LEASES
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HDEL', KEYS[1], 'dead_at', 'delivered_at', 'lo', 'lu')
+unlease(ARGV[3], KEYS[1], 'o:' .. ARGV[1])
+redis.call('HDEL', KEYS[1], 'dead_at', 'delivered_at')
 redis.call('HSET', KEYS[1], 'at', ARGV[2], 'attempts', '0')
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
@@ -294,6 +361,7 @@ local c = redis.call('HGET', ARGV[3] .. 'p:' .. ARGV[1], 'c')
 if c then redis.call('ZADD', ARGV[3] .. 'idx:undelivered', c, ARGV[1]) end
 return 1
 """
+)
 
 # One page from the listing indexes in KEYS, merged: after the cursor (ARGV[2], ARGV[3]), in
 # the score range [ARGV[4], ARGV[5]], the first ARGV[6] matches of all indexes together, reading
@@ -415,6 +483,10 @@ for _, id in ipairs(doomed) do
     redis.call('DEL', pre .. 'ref:' .. f[2])
   end
   for _, name in ipairs(sets) do redis.call('ZREM', pre .. name, id) end
+  for _, m in ipairs({'p:' .. id, 'o:' .. id}) do
+    local lo = redis.call('HGET', pre .. m, 'lo')
+    if lo then redis.call('SREM', pre .. 'leases:' .. lo, m) end
+  end
   redis.call('DEL', key, pre .. 'o:' .. id)
 end
 return #doomed
@@ -619,6 +691,7 @@ class RedisStorage:
                     "cas": _CAS,
                     "claim_due": _CLAIM_DUE,
                     "claim_outbox": _CLAIM_OUTBOX,
+                    "release_leases": _RELEASE_LEASES,
                     "ack_outbox": _ACK_OUTBOX,
                     "retry_outbox": _RETRY_OUTBOX,
                     "dead_letter_outbox": _DEAD_LETTER_OUTBOX,
@@ -797,7 +870,7 @@ class RedisStorage:
         rows = await self._run(
             "claim_due",
             [self._ready, self._leased, self._due],
-            [_num(now), owner, _num(now + lease_seconds), limit, self._prefix + "p:"],
+            [_num(now), owner, _num(now + lease_seconds), limit, self._prefix + "p:", self._prefix],
         )
         return [decode_payout(version, doc) for version, doc in rows]  # already earliest first
 
@@ -815,11 +888,19 @@ class RedisStorage:
         rows = await self._run(
             "claim_outbox",
             [self._outbox_due],
-            [_num(now), owner, _num(now + lease_seconds), limit, self._prefix + "o:"],
+            [_num(now), owner, _num(now + lease_seconds), limit, self._prefix + "o:", self._prefix],
         )
         entries = [decode_outbox(*row) for row in rows]
         entries.sort(key=lambda e: e.payout_id)  # all share next_attempt_at == lease end
         return entries
+
+    async def release_leases(self, owner: str, now: float, *, outbox: bool = True) -> int:
+        released = await self._run(
+            "release_leases",
+            [f"{self._prefix}leases:{owner}"],
+            [self._prefix, owner, _num(now), "1" if outbox else "0"],
+        )
+        return int(released)
 
     async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
         await self._run(

@@ -138,6 +138,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 4: the instance liveness registry (one row per running instance, its latest heartbeat).
     ("CREATE TABLE instances (id TEXT PRIMARY KEY, mark REAL NOT NULL)",),
+    # 5: the leases of one owner, for release_leases (only rows in flight are leased: small).
+    (
+        "CREATE INDEX payouts_lease_owner ON payouts (lease_owner) WHERE lease_owner IS NOT NULL",
+        "CREATE INDEX outbox_lease_owner ON outbox (lease_owner) WHERE lease_owner IS NOT NULL",
+    ),
 )
 
 _SCHEMA_VERSION = len(_MIGRATIONS)
@@ -221,6 +226,27 @@ RETURNING {_OUTBOX_COLUMNS}
 """  # noqa: S608 -- a constant column list
 
 _GET_OUTBOX = f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE payout_id = ?"  # noqa: S608
+
+# Run in this order in one transaction: the running leases (counted), then the rest of the
+# owner's, already run out. `lease_owner = ?` implies IS NOT NULL: the partial indexes serve it.
+_RELEASE_RUNNING = (
+    """
+    UPDATE payouts SET lease_owner = NULL, lease_until = NULL
+    WHERE lease_owner = ? AND lease_until > ?
+    RETURNING 1
+    """,
+    # The lease end doubled as the next attempt.
+    """
+    UPDATE outbox
+    SET lease_owner = NULL, lease_until = NULL, next_attempt_at = min(next_attempt_at, ?)
+    WHERE lease_owner = ? AND lease_until > ?
+    RETURNING 1
+    """,
+)
+_RELEASE_SPENT = (
+    "UPDATE payouts SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+    "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+)
 
 _ACK_OUTBOX = """
 UPDATE outbox SET delivered_at = ?, dead_at = NULL, lease_owner = NULL, lease_until = NULL
@@ -673,6 +699,26 @@ class SQLiteStorage:
         entries = [decode_outbox(*r) for r in rows]
         entries.sort(key=lambda e: e.payout_id)  # all share next_attempt_at == until
         return entries
+
+    async def release_leases(self, owner: str, now: float, *, outbox: bool = True) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                payouts, entries = _RELEASE_RUNNING
+                payouts_spent, entries_spent = _RELEASE_SPENT
+                released = len(db.execute(payouts, (owner, now)).fetchall())
+                db.execute(payouts_spent, (owner,))
+                if outbox:
+                    released += len(db.execute(entries, (now, owner, now)).fetchall())
+                    db.execute(entries_spent, (owner,))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return released
+
+        return await self._run(op)
 
     async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
         await self._query(_ACK_OUTBOX, (delivered_at, payout_id), write=True)

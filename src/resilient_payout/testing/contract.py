@@ -756,6 +756,168 @@ class StorageContract:
         assert retried is not None
         assert retried.attempts == 1
 
+    # -- release_leases -----------------------------------------------------------------------
+
+    async def test_release_leases_makes_the_owners_payouts_claimable_at_once(
+        self, storage: Storage
+    ) -> None:
+        await self.create(storage, "p-1")
+        await self.create(storage, "p-2", next_check_at=T0 - 1)
+        claimed = await self.claim(storage, T0, owner="a")
+        assert len(claimed) == 2
+        assert await self.claim(storage, T0 + 1, owner="b") == []
+        assert await storage.release_leases("a", T0 + 1) == 2
+        for payout in claimed:  # released, not rewritten: version and due time kept
+            assert await storage.get(payout.id) == payout
+        taken = await self.claim(storage, T0 + 1, owner="b")
+        assert [(p.id, p.version) for p in taken] == [("p-2", 3), ("p-1", 3)]
+        assert await self.claim(storage, T0 + 2, owner="c") == []  # b's leases hold
+
+    async def test_release_leases_brings_the_owners_outbox_entries_back_now(
+        self, storage: Storage
+    ) -> None:
+        entry = await self._with_outbox(storage, "p-1")
+        await self.claim_outbox(storage, T0, owner="a")
+        assert await self.claim_outbox(storage, T0 + 1, owner="b") == []
+        assert await storage.release_leases("a", T0 + 1) == 1
+        # The lease's end was the next attempt: it is now.
+        assert await storage.get_outbox("p-1") == replace(entry, next_attempt_at=T0 + 1)
+        (again,) = await self.claim_outbox(storage, T0 + 1, owner="b")
+        assert again == replace(entry, next_attempt_at=T0 + 1 + LEASE)
+        # Outbox calls carry no owner: the old owner's late ack still counts (it did deliver),
+        # and the new claimer's report then changes nothing, as after an expired lease.
+        await storage.ack_outbox("p-1", delivered_at=T0 + 2)
+        await storage.retry_outbox("p-1", next_attempt_at=T0 + 3, error="late")
+        assert await storage.get_outbox("p-1") == replace(again, delivered_at=T0 + 2)
+
+    async def test_release_leases_leaves_other_owners_leases_alone(self, storage: Storage) -> None:
+        await self.create(storage, "mine")
+        await self.create(storage, "theirs")
+        await self._with_outbox(storage, "o-mine")
+        await self._with_outbox(storage, "o-theirs")
+        (mine,) = await self.claim(storage, T0, owner="a", limit=1)
+        (theirs,) = await self.claim(storage, T0, owner="b", limit=1)
+        assert (mine.id, theirs.id) == ("mine", "theirs")
+        (o_mine,) = await self.claim_outbox(storage, T0, owner="a", limit=1)
+        (o_theirs,) = await self.claim_outbox(storage, T0, owner="b", limit=1)
+        assert (o_mine.payout_id, o_theirs.payout_id) == ("o-mine", "o-theirs")
+        assert await storage.release_leases("a", T0 + 1) == 2
+        assert [p.id for p in await self.claim(storage, T0 + 1, owner="c")] == ["mine"]
+        assert [e.payout_id for e in await self.claim_outbox(storage, T0 + 1, owner="c")] == [
+            "o-mine"
+        ]
+        assert await storage.get("theirs") == theirs
+        assert await storage.get_outbox("o-theirs") == o_theirs
+        assert await self.claim(storage, T0 + LEASE - 1, owner="c") == []
+        assert await self.claim_outbox(storage, T0 + LEASE - 1, owner="c") == []
+        done = await storage.compare_and_set(_final(theirs), expected_version=theirs.version)
+        assert done is not None
+
+    async def test_after_a_release_the_old_owner_still_wins_until_someone_claims(
+        self, storage: Storage
+    ) -> None:
+        """A release bumps no version: with no claim since, the old owner's compare-and-set
+        succeeds, exactly as after its lease ran out."""
+        await self.create(storage)
+        (claimed,) = await self.claim(storage, T0, owner="a")
+        assert await storage.release_leases("a", T0 + 1) == 1
+        won = await storage.compare_and_set(
+            _final(claimed), expected_version=claimed.version, outbox=make_outbox()
+        )
+        assert won is not None
+        assert won.version == claimed.version + 1
+        assert await self.claim(storage, T0 + 1, owner="b") == []
+
+    async def test_after_a_release_and_a_new_claim_the_old_owner_loses(
+        self, storage: Storage
+    ) -> None:
+        """The new claim bumps the version, so the released owner can never write over the
+        new claimer's work; releasing the old owner again leaves the new lease alone."""
+        await self.create(storage)
+        (stale,) = await self.claim(storage, T0, owner="a")
+        assert await storage.release_leases("a", T0 + 1) == 1
+        (fresh,) = await self.claim(storage, T0 + 1, owner="b")
+        assert fresh.version == stale.version + 1
+        lost = await storage.compare_and_set(
+            _final(stale), expected_version=stale.version, outbox=make_outbox()
+        )
+        assert lost is None
+        assert await storage.get_outbox("p-1") is None
+        assert await storage.release_leases("a", T0 + 2) == 0
+        assert await self.claim(storage, T0 + 2, owner="c") == []
+        won = await storage.compare_and_set(_final(fresh), expected_version=fresh.version)
+        assert won is not None
+
+    async def test_release_leases_ignores_leases_already_ended(self, storage: Storage) -> None:
+        await self._with_outbox(storage, "retried")
+        await self._with_outbox(storage, "acked")
+        assert len(await self.claim_outbox(storage, T0, owner="a")) == 2
+        await storage.retry_outbox("retried", next_attempt_at=T0 + 50, error="HTTP 503")
+        await storage.ack_outbox("acked", delivered_at=T0 + 1)
+        await self.create(storage, "rescheduled")
+        (claimed,) = await self.claim(storage, T0, owner="a")
+        await self.update(storage, claimed, next_check_at=T0 + 60)
+
+        async def state() -> list[Any]:
+            return [
+                await storage.get_outbox("retried"),
+                await storage.get_outbox("acked"),
+                await storage.get("rescheduled"),
+            ]
+
+        before = await state()
+        assert await storage.release_leases("a", T0 + 2) == 0
+        assert await state() == before
+        assert await self.claim_outbox(storage, T0 + 2, owner="b") == []
+        assert await self.claim(storage, T0 + 2, owner="b") == []
+
+    async def test_release_leases_clears_run_out_leases_without_counting_them(
+        self, storage: Storage
+    ) -> None:
+        await self.create(storage)
+        entry = await self._with_outbox(storage, "o-1")
+        await self.claim(storage, T0, owner="a")
+        await self.claim_outbox(storage, T0, owner="a")
+        later = T0 + LEASE + 1
+        assert await storage.release_leases("a", later) == 0
+        assert await storage.get_outbox("o-1") == replace(entry, next_attempt_at=T0 + LEASE)
+        assert [p.id for p in await self.claim(storage, later, owner="b")] == ["p-1"]
+        assert [e.payout_id for e in await self.claim_outbox(storage, later, owner="b")] == ["o-1"]
+
+    async def test_release_leases_is_idempotent(self, storage: Storage) -> None:
+        await self.create(storage)
+        await self._with_outbox(storage, "o-1")
+        (claimed,) = await self.claim(storage, T0, owner="a")
+        await self.claim_outbox(storage, T0, owner="a")
+        assert await storage.release_leases("a", T0 + 1) == 2
+        released = (await storage.get("p-1"), await storage.get_outbox("o-1"))
+        assert await storage.release_leases("a", T0 + 1) == 0
+        assert await storage.release_leases("a", T0 + 3) == 0
+        assert await storage.release_leases("never-claimed", T0 + 1) == 0
+        assert (await storage.get("p-1"), await storage.get_outbox("o-1")) == released
+        # The owner may claim again, and that new lease is released like any other.
+        (again,) = await self.claim(storage, T0 + 3, owner="a")
+        assert again.version == claimed.version + 1
+        assert await storage.release_leases("a", T0 + 4) == 1
+        assert [p.id for p in await self.claim(storage, T0 + 4, owner="b")] == ["p-1"]
+
+    async def test_release_leases_without_outbox_keeps_the_owners_pushes_leased(
+        self, storage: Storage
+    ) -> None:
+        """``outbox=False`` (an owner only presumed gone): its payouts come back, its pushes
+        stay leased until their leases run out, and a later full release still finds them."""
+        await self.create(storage)
+        await self._with_outbox(storage, "o-1")
+        await self.claim(storage, T0, owner="a")
+        (held,) = await self.claim_outbox(storage, T0, owner="a")
+        assert await storage.release_leases("a", T0 + 1, outbox=False) == 1
+        assert [p.id for p in await self.claim(storage, T0 + 1, owner="b")] == ["p-1"]
+        assert await self.claim_outbox(storage, T0 + 1, owner="b") == []
+        assert await storage.get_outbox("o-1") == held
+        assert await storage.release_leases("a", T0 + 2, outbox=False) == 0
+        assert await storage.release_leases("a", T0 + 2) == 1
+        assert [e.payout_id for e in await self.claim_outbox(storage, T0 + 2, owner="b")] == ["o-1"]
+
     # -- partner references -------------------------------------------------------------------
 
     async def test_partner_ref_is_found_by_lookup(self, storage: Storage) -> None:
@@ -1334,6 +1496,36 @@ class MultiInstanceContract:
         )
         assert await a.get("p-1") == won
         assert await a.get_outbox("p-1") == make_outbox(status=PayoutStatus.DECLINED)
+
+    async def test_a_release_through_other_instances_frees_what_one_instance_claimed(
+        self, open_instances: OpenInstances
+    ) -> None:
+        a, b, c = await open_instances(3)
+        for i in range(6):
+            await StorageContract.create(a, f"p-{i}", next_check_at=T0 - i)
+        for i in range(4):
+            current = await StorageContract.create(a, f"o-{i}")
+            await StorageContract.update(
+                a, current, make_outbox(f"o-{i}"), status=PayoutStatus.COMPLETED, next_check_at=None
+            )
+        await StorageContract.create(b, "alive", next_check_at=T0 - 10)
+        (alive,) = await StorageContract.claim(b, T0, owner="alive", limit=1)
+        stale = await StorageContract.claim(a, T0, owner="gone")
+        assert len(stale) == 6
+        assert len(await StorageContract.claim_outbox(a, T0, owner="gone")) == 4
+        # Two instances release the same owner at once: every lease is released once.
+        counts = await _gather(
+            [partial(b.release_leases, "gone", T0 + 1), partial(c.release_leases, "gone", T0 + 1)]
+        )
+        assert sum(counts) == 10, counts
+        taken = await StorageContract.claim(c, T0 + 1, owner="c")
+        assert [p.id for p in taken] == [p.id for p in stale]
+        entries = await StorageContract.claim_outbox(c, T0 + 1, owner="c")
+        assert sorted(e.payout_id for e in entries) == [f"o-{i}" for i in range(4)]
+        lost = await a.compare_and_set(_final(stale[0]), expected_version=stale[0].version)
+        assert lost is None
+        assert await a.get("alive") == alive  # another owner's lease: untouched
+        assert await b.compare_and_set(_final(alive), expected_version=alive.version) is not None
 
     async def test_a_dead_letter_holds_for_every_instance(
         self, open_instances: OpenInstances
