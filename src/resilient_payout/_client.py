@@ -248,12 +248,13 @@ class PayoutClient:
 
     async def _run_loops(self, tg: TaskGroup) -> None:
         assert self._loops is not None
+        # Every client beats (its submits are open work), also while it drains: a drain is
+        # not a death, and others would take over its open POSTs (a status check each).
+        tg.start_soon(self.liveness.run, self.background)
+        if not self.background:
+            return
         with self._loops:
             async with anyio.create_task_group() as loops:
-                # Every client beats (its submits are open work); only background ones watch.
-                loops.start_soon(self.liveness.run, self.background)
-                if not self.background:
-                    return
                 loops.start_soon(self.due.run, tg)
                 loops.start_soon(self.checks.run, tg)
                 if self.outbox is not None:

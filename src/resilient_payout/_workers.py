@@ -280,11 +280,13 @@ class Liveness:
         while True:
             try:
                 await client.storage.beat(client.instance_id, client.clock.now())
-                marks = await client.storage.instances() if watch else {}
+                # Only background clients watch, and not while draining: no new work then.
+                watching = watch and not client.draining
+                marks = await client.storage.instances() if watching else {}
             except StorageError as exc:
                 log.warning("heartbeat failed, retrying: %s", exc)
-                marks = {}
-            if watch:
+                watching, marks = False, {}
+            if watching:
                 await self._watch(marks)
             await anyio.sleep(client.policy.heartbeat_interval)
 

@@ -329,3 +329,28 @@ async def test_a_takeover_releases_a_dead_ones_checks_at_once_and_its_pushes_soo
     takeover = POLICY.takeover_after + POLICY.notify_timeout
     assert takeover <= late - died <= takeover + 4 * POLICY.heartbeat_interval
     assert all(partner.reached(i) == 1 for i in ("pushed", *ids))
+
+
+async def test_a_draining_instance_keeps_beating_so_nobody_takes_over_its_open_posts() -> None:
+    # The drain waits 20 s for the partner's answer: far past takeover_after. A drain is no
+    # death: the watcher leaves the POST to it, and no status check is spent.
+    storage = MemoryStorage()
+    script = Script(Fate.ANSWER, PartnerStatus.COMPLETED, answer_delay=20, webhook=False)
+    async with scripted(script) as partner:
+        async with running(storage, partner, instance_id="watcher") as watcher:
+            async with running(storage, partner, instance_id="leaving") as leaving:
+                await leaving.submit({"id": "d"})
+                await anyio.sleep(1)
+                t0 = anyio.current_time()
+            drained = anyio.current_time() - t0
+            p = await storage.get("d")
+            assert list(await storage.instances()) == ["watcher"]  # it left on leaving
+            await anyio.sleep(2 * POLICY.takeover_after)
+    assert 18.0 <= drained <= 20.0  # the answer, recorded by the draining instance
+    assert p is not None
+    assert p.status is S.COMPLETED
+    assert p.resolved_by is Cause.PARTNER_ANSWER
+    assert not owner_gone(p)
+    assert partner.check_times == []
+    assert watcher.stats.takeovers == 0
+    assert list(await storage.instances()) == []  # both left the registry on leaving
