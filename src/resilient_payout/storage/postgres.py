@@ -267,7 +267,7 @@ _GET_OUTBOX = f"SELECT {_OUTBOX_COLUMNS} FROM {{s}}.outbox WHERE payout_id = $1"
 # are disjoint sets of rows, as the sub-statements of one WITH must be; `lease_owner = $1`
 # implies IS NOT NULL, so the partial indexes serve all four. An entry's lease end doubled as
 # its next attempt.
-_RELEASE_LEASES = """
+_RELEASE_PAYOUTS = """
 WITH running AS (
     UPDATE {s}.payouts SET lease_owner = NULL, lease_until = NULL
     WHERE lease_owner = $1 AND lease_until > $2
@@ -275,7 +275,13 @@ WITH running AS (
 ), spent AS (
     UPDATE {s}.payouts SET lease_owner = NULL, lease_until = NULL
     WHERE lease_owner = $1 AND lease_until <= $2
-), running_outbox AS (
+)"""
+
+_RELEASE_PAYOUT_LEASES = _RELEASE_PAYOUTS + "\nSELECT count(*) FROM running\n"
+
+_RELEASE_LEASES = (
+    _RELEASE_PAYOUTS  # noqa: S608 -- constants and placeholders only
+    + """, running_outbox AS (
     UPDATE {s}.outbox
     SET lease_owner = NULL, lease_until = NULL, next_attempt_at = least(next_attempt_at, $2)
     WHERE lease_owner = $1 AND lease_until > $2
@@ -286,18 +292,7 @@ WITH running AS (
 )
 SELECT (SELECT count(*) FROM running) + (SELECT count(*) FROM running_outbox)
 """
-
-_RELEASE_PAYOUT_LEASES = """
-WITH running AS (
-    UPDATE {s}.payouts SET lease_owner = NULL, lease_until = NULL
-    WHERE lease_owner = $1 AND lease_until > $2
-    RETURNING 1
-), spent AS (
-    UPDATE {s}.payouts SET lease_owner = NULL, lease_until = NULL
-    WHERE lease_owner = $1 AND lease_until <= $2
 )
-SELECT count(*) FROM running
-"""
 
 _ACK_OUTBOX = """
 UPDATE {s}.outbox SET delivered_at = $2, dead_at = NULL, lease_owner = NULL, lease_until = NULL
