@@ -19,21 +19,29 @@ loss from ``submitting`` to ``received`` would be POSTed to the partner again: a
 Other commits use ``NORMAL`` and are made durable by the next such fsync or the checkpoint
 thread; a power loss may roll those back, which repeats work but never a POST. ``full`` fsyncs
 every commit (also the app's request itself); ``normal`` none: only for data you can lose.
+
+Group commit (``?group_commit=on``, the default): the writes that concurrent callers make in one
+tick of the event loop run in one ``BEGIN IMMEDIATE`` transaction, each in its own ``SAVEPOINT``
+(its failure undoes only its statements), and commit together: one commit, and one fsync if any
+of them needs FULL. Each caller gets its own result only after that commit returned.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from .._errors import ConfigurationError, PartnerReferenceTaken, StorageError, StorageUnavailable
@@ -148,6 +156,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 _SCHEMA_VERSION = len(_MIGRATIONS)
 
 _SYNCHRONOUS = ("submitting", "full", "normal")
+
+_SWITCHES = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 
 _FINAL: tuple[str, ...] = tuple(s.value for s in PayoutStatus if s.is_final)
 _NOT_FINAL = "status NOT IN (" + ", ".join("?" * len(_FINAL)) + ")"
@@ -353,10 +363,60 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 
 T = TypeVar("T")
 
+
+def _raised(exc: BaseException) -> BaseException:
+    """What a caller of a failed write gets: SQLite's errors translated, others as raised."""
+    if not isinstance(exc, sqlite3.Error):
+        return exc
+    translated = _translated(exc)
+    translated.__cause__ = exc
+    return translated
+
+
 # Checkpoint the WAL into the database file every this many writes (a few MB of WAL at most).
 _CHECKPOINT_EVERY = 500
 _FIRST_BACKOFF = 0.001
 _MAX_BACKOFF = 0.05
+# At most this many writes per group commit: what bounds how long one commit holds the file's
+# write lock (tens of microseconds per write), so other processes on the file never starve.
+_GROUP_MAX = 32
+
+Write = Callable[[sqlite3.Connection], T]
+
+
+class _Pending:
+    """A write waiting for the commit of its group; then its outcome."""
+
+    __slots__ = ("_woken", "done", "error", "fn", "full", "value")
+
+    def __init__(self, fn: Write[Any], full: bool) -> None:
+        self.fn = fn
+        self.full = full
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self._woken: anyio.Event | None = None
+
+    def settle(self, value: Any, error: BaseException | None) -> None:
+        self.value, self.error, self.done = value, error, True
+        self.wake()
+
+    def wake(self) -> None:
+        if self._woken is not None:
+            self._woken.set()
+
+    async def wait(self) -> None:
+        """Until settled, or until the lead is free (the caller then looks again)."""
+        self._woken = anyio.Event()
+        try:
+            await self._woken.wait()
+        finally:
+            self._woken = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class _Checkpointer:
@@ -399,9 +459,12 @@ class _Checkpointer:
 class SQLiteStorage:
     """The :class:`~resilient_payout.storage.Storage` contract on one SQLite file.
 
-    Statements run on the event loop's thread, each one or one short transaction at a time,
-    never across an ``await``: a statement takes tens of microseconds, less than handing it to
-    a worker thread and back, which cost more CPU than the SQL itself (docs/performance.md).
+    Statements run on the event loop's thread, one or one short transaction at a time, never
+    across an ``await``: a statement takes tens of microseconds, less than handing it to a
+    worker thread and back, which cost more CPU than the SQL itself (docs/performance.md).
+    With ``group_commit`` (the default) the writes of one loop tick share that transaction (at
+    most ``_GROUP_MAX`` of them), each caller answered once it is committed; reads run outside
+    it and so see committed data only.
     Nothing here waits on the loop's thread: the connection's own busy timeout is 0, a write
     that finds another connection's lock backs off with ``anyio.sleep`` and tries again for up
     to ``busy_timeout`` seconds, then raises :class:`~resilient_payout.StorageUnavailable`; WAL
@@ -417,6 +480,7 @@ class SQLiteStorage:
         *,
         busy_timeout: float = 5.0,
         synchronous: str = "submitting",
+        group_commit: bool = True,
     ) -> None:
         if synchronous not in _SYNCHRONOUS:
             raise ConfigurationError(
@@ -430,28 +494,45 @@ class SQLiteStorage:
         self._open_lock = anyio.Lock()  # open() and close() only; never around a statement
         self._writes = 0
         self._checkpointer: _Checkpointer | None = None
+        self._group_commit = group_commit
+        self._queue: deque[_Pending] = deque()  # writes not yet committed, in arrival order
+        self._leading = False  # a caller is committing the queue (or waiting for the lock to)
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
         """``sqlite:///relative.db``, ``sqlite:////abs/path.db``; ``?busy_timeout=SECONDS``,
-        ``?synchronous=normal`` (faster commits that a power loss may roll back)."""
+        ``?synchronous=normal`` (faster commits that a power loss may roll back),
+        ``?group_commit=off`` (each write its own commit)."""
         parts = urlsplit(url)
         if parts.scheme.lower() != "sqlite" or parts.netloc or len(parts.path) < 2:
             raise ValueError(
                 f"not an SQLite URL: {url!r} (use sqlite:///relative.db or sqlite:////abs.db)"
             )
         options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(options) - {"busy_timeout", "synchronous"}
+        unknown = set(options) - {"busy_timeout", "synchronous", "group_commit"}
         if unknown:
             raise ValueError(f"unknown SQLite URL option(s) {sorted(unknown)} in {url!r}")
         busy_timeout = float(options.get("busy_timeout", 5.0))
         synchronous = options.get("synchronous", "submitting").lower()
-        return cls(parts.path[1:], busy_timeout=busy_timeout, synchronous=synchronous)
+        group_commit = _SWITCHES.get(options.get("group_commit", "on").lower())
+        if group_commit is None:
+            raise ConfigurationError("SQLite option group_commit must be on or off")
+        return cls(
+            parts.path[1:],
+            busy_timeout=busy_timeout,
+            synchronous=synchronous,
+            group_commit=group_commit,
+        )
 
     @property
     def synchronous(self) -> str:
         """``full`` (the default) or ``normal``: see docs/storage.md, "Durability and money"."""
         return self._synchronous
+
+    @property
+    def group_commit(self) -> bool:
+        """Whether concurrent writes share commits (``?group_commit=``, on by default)."""
+        return self._group_commit
 
     @property
     def path(self) -> str:
@@ -570,11 +651,132 @@ class SQLiteStorage:
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue
             if write:
-                self._writes += 1
-                if self._writes >= _CHECKPOINT_EVERY and self._checkpointer is not None:
-                    self._writes = 0
-                    self._checkpointer.poke()
+                self._wrote(1)
             return result
+
+    def _wrote(self, n: int) -> None:
+        self._writes += n
+        if self._writes >= _CHECKPOINT_EVERY and self._checkpointer is not None:
+            self._writes = 0
+            self._checkpointer.poke()
+
+    async def _write(self, fn: Write[T], *, submits: bool = False, atomic: bool = False) -> T:
+        """``fn(connection)``, a write, committed before this returns.
+
+        ``submits``: a POST follows it (FULL under ``synchronous=submitting``). ``atomic``: it
+        runs several statements, which must commit together. ``fn`` opens no transaction: the
+        caller does, for ``fn`` alone or for its group (see :meth:`_commit_group`).
+        """
+        full = submits and self._synchronous == "submitting"
+        if not self._group_commit:
+            return await self._run(lambda db: self._solo(db, fn, full=full, atomic=atomic))
+        item = _Pending(fn, full)
+        self._queue.append(item)
+        try:
+            while not item.done:
+                if self._leading:
+                    await item.wait()
+                    continue
+                self._leading = True
+                try:
+                    await self._lead(item)
+                finally:
+                    self._leading = False
+        finally:
+            if not item.done:
+                # Cancelled before its group ran (no transaction spans an await): nothing of
+                # it was written.
+                self._queue.remove(item)
+            if not self._leading and self._queue:
+                self._queue[0].wake()  # a waiting write takes the lead
+        result: T = item.outcome()
+        return result
+
+    def _solo(self, db: sqlite3.Connection, fn: Write[T], *, full: bool, atomic: bool) -> T:
+        """``fn`` as its own commit (``group_commit=off``): statements in autocommit mode
+        unless ``atomic``."""
+
+        def run(db: sqlite3.Connection) -> T:
+            if not atomic:
+                return fn(db)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return result
+
+        return self._fully_synced(db, run) if full else run(db)
+
+    async def _lead(self, mine: _Pending) -> None:
+        """Commit the queue, group by group, until ``mine`` is settled; back off while another
+        connection holds the write lock, as :meth:`_run` does."""
+        await anyio.lowlevel.checkpoint()  # the writes made in this tick of the loop join
+        deadline: float | None = None
+        backoff = _FIRST_BACKOFF
+        while not mine.done:
+            db = self._conn()
+            group = list(itertools.islice(self._queue, _GROUP_MAX))
+            try:
+                outcomes = self._commit_group(db, group)
+            except sqlite3.Error as exc:
+                if _is_busy(exc):
+                    now = anyio.current_time()
+                    if deadline is None:
+                        deadline = now + self._busy_timeout
+                    if now < deadline:
+                        await anyio.sleep(min(backoff, deadline - now))
+                        backoff = min(backoff * 2, _MAX_BACKOFF)
+                        continue
+                # Nothing of the group was written: each of its callers learns why.
+                outcomes = [(None, _raised(exc)) for _ in group]
+            else:
+                self._wrote(len(group))
+            deadline, backoff = None, _FIRST_BACKOFF
+            for item, (value, error) in zip(group, outcomes, strict=True):
+                self._queue.popleft()  # the group is the queue's head: nothing ran meanwhile
+                item.settle(value, error)
+
+    def _commit_group(
+        self, db: sqlite3.Connection, group: list[_Pending]
+    ) -> list[tuple[Any, BaseException | None]]:
+        """Run ``group`` in one transaction, each write in its own savepoint, and commit it;
+        each write's result or error. Raises (with nothing written) if the transaction could
+        not begin or commit. No ``await``: no other statement of this connection runs while
+        the transaction is open, so no read ever sees its writes before they are committed."""
+        # A per-connection setting that cannot change inside a transaction: one level for the
+        # group, FULL if any of its writes needs it (one fsync makes all of them durable).
+        full = any(item.full for item in group)
+        if full:
+            db.execute("PRAGMA synchronous = FULL")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                outcomes: list[tuple[Any, BaseException | None]] = []
+                for item in group:
+                    db.execute("SAVEPOINT w")
+                    try:
+                        value = item.fn(db)
+                    except Exception as exc:  # noqa: BLE001 -- handed to its caller
+                        # Its own failure: undo its statements only.
+                        db.execute("ROLLBACK TO w")
+                        db.execute("RELEASE w")
+                        outcomes.append((None, _raised(exc)))
+                    else:
+                        db.execute("RELEASE w")
+                        outcomes.append((value, None))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            if full:
+                db.execute("PRAGMA synchronous = NORMAL")
+        return outcomes
 
     # -- the contract -------------------------------------------------------------------------
 
@@ -595,10 +797,8 @@ class SQLiteStorage:
                     return decode_payout(*rows[0]), False
             raise StorageUnavailable(f"SQLite: payout {payout.id!r} kept being pruned")
 
-        if self._synchronous == "submitting" and payout.status is PayoutStatus.SUBMITTING:
-            # Created straight into submitting, a POST follows: fsync, as compare_and_set does.
-            return await self._run(lambda db: self._fully_synced(db, op))
-        return await self._run(op)
+        # Created straight into submitting, a POST follows: fsync, as compare_and_set does.
+        return await self._write(op, submits=payout.status is PayoutStatus.SUBMITTING)
 
     @staticmethod
     def _fully_synced(db: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> T:
@@ -610,14 +810,17 @@ class SQLiteStorage:
 
     @contextlib.contextmanager
     def _partner_ref(self, db: sqlite3.Connection, payout: Payout) -> Iterator[None]:
-        """Turn the unique index's refusal into PartnerReferenceTaken, with the holder."""
+        """Turn the unique index's refusal into PartnerReferenceTaken, with the holder.
+
+        SQLite undid the refused statement alone; the caller's transaction (or savepoint),
+        if any, is rolled back by whoever opened it. The holder is read inside it: a write
+        of the same group that took the reference first is the holder once committed, and
+        the caller hears of it only then."""
         try:
             yield
         except sqlite3.IntegrityError as exc:
             if payout.partner_ref is None or "partner_ref" not in str(exc):
                 raise
-            if db.in_transaction:
-                db.execute("ROLLBACK")
             rows = db.execute(_REF_HOLDER, (payout.partner_ref,)).fetchall()
             raise PartnerReferenceTaken(payout.partner_ref, rows[0][0] if rows else None) from None
 
@@ -626,8 +829,13 @@ class SQLiteStorage:
         return decode_payout(*rows[0]) if rows else None
 
     async def _query(self, sql: str, params: Sequence[Any] = (), *, write: bool) -> list[Any]:
-        """One statement in autocommit mode (atomic by itself); its rows."""
+        """One statement in autocommit mode (atomic by itself); its rows. Reads never join a
+        group: they see committed data only (see :meth:`_commit_group`)."""
         return await self._run(lambda db: db.execute(sql, params).fetchall(), write=write)
+
+    async def _execute(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """One writing statement (atomic by itself); its rows, once committed."""
+        return await self._write(lambda db: db.execute(sql, params).fetchall())
 
     async def compare_and_set(
         self, payout: Payout, *, expected_version: int, outbox: OutboxEntry | None = None
@@ -643,35 +851,22 @@ class SQLiteStorage:
             payout.id,
             expected_version,
         )
-        # A POST follows this write: were it rolled back by a power loss, the payout would be
-        # POSTed again. Its commit fsyncs the WAL (and with it every earlier commit).
-        durable = self._synchronous == "submitting" and payout.status is PayoutStatus.SUBMITTING
 
         def op(db: sqlite3.Connection) -> Payout | None:
-            return self._fully_synced(db, write) if durable else write(db)
-
-        def write(db: sqlite3.Connection) -> Payout | None:
-            if outbox is None:
-                with self._partner_ref(db, payout):
-                    rows = db.execute(_CAS, cas).fetchall()
-                return replace(payout, version=rows[0][0]) if rows else None
             with self._partner_ref(db, payout):
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    rows = db.execute(_CAS, cas).fetchall()
-                    if not rows:
-                        db.execute("ROLLBACK")
-                        return None
-                    values = (outbox.payout_id, *outbox_values(outbox), payout.created_at)
-                    db.execute(_INSERT_OUTBOX, values)
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
+                rows = db.execute(_CAS, cas).fetchall()
+            if not rows:
+                return None
+            if outbox is not None:  # in the update's transaction (atomic=)
+                values = (outbox.payout_id, *outbox_values(outbox), payout.created_at)
+                db.execute(_INSERT_OUTBOX, values)
             return replace(payout, version=rows[0][0])
 
-        return await self._run(op)
+        # A POST follows a write into submitting: were it rolled back by a power loss, the
+        # payout would be POSTed again. Its commit fsyncs the WAL (and every earlier commit).
+        return await self._write(
+            op, submits=payout.status is PayoutStatus.SUBMITTING, atomic=outbox is not None
+        )
 
     async def claim_due(
         self, now: float, *, owner: str, lease_seconds: float, limit: int
@@ -679,7 +874,7 @@ class SQLiteStorage:
         if limit <= 0:
             return []
         params = (owner, now + lease_seconds, now, *_FINAL, now, limit)
-        rows = await self._query(_CLAIM_DUE, params, write=True)
+        rows = await self._execute(_CLAIM_DUE, params)
         # RETURNING does not keep the subquery's order.
         rows.sort(key=lambda r: (r[2], r[3]))
         return [decode_payout(version, doc) for version, doc, _, _ in rows]
@@ -695,42 +890,35 @@ class SQLiteStorage:
             return []
         until = now + lease_seconds
         params = (owner, until, until, now, now, limit)
-        rows = await self._query(_CLAIM_OUTBOX, params, write=True)
+        rows = await self._execute(_CLAIM_OUTBOX, params)
         entries = [decode_outbox(*r) for r in rows]
         entries.sort(key=lambda e: e.payout_id)  # all share next_attempt_at == until
         return entries
 
     async def release_leases(self, owner: str, now: float, *, outbox: bool = True) -> int:
         def op(db: sqlite3.Connection) -> int:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                payouts, entries = _RELEASE_RUNNING
-                payouts_spent, entries_spent = _RELEASE_SPENT
-                released = len(db.execute(payouts, (owner, now)).fetchall())
-                db.execute(payouts_spent, (owner,))
-                if outbox:
-                    released += len(db.execute(entries, (now, owner, now)).fetchall())
-                    db.execute(entries_spent, (owner,))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            payouts, entries = _RELEASE_RUNNING
+            payouts_spent, entries_spent = _RELEASE_SPENT
+            released = len(db.execute(payouts, (owner, now)).fetchall())
+            db.execute(payouts_spent, (owner,))
+            if outbox:
+                released += len(db.execute(entries, (now, owner, now)).fetchall())
+                db.execute(entries_spent, (owner,))
             return released
 
-        return await self._run(op)
+        return await self._write(op, atomic=True)
 
     async def ack_outbox(self, payout_id: str, *, delivered_at: float) -> None:
-        await self._query(_ACK_OUTBOX, (delivered_at, payout_id), write=True)
+        await self._execute(_ACK_OUTBOX, (delivered_at, payout_id))
 
     async def retry_outbox(self, payout_id: str, *, next_attempt_at: float, error: str) -> None:
-        await self._query(_RETRY_OUTBOX, (next_attempt_at, error, payout_id), write=True)
+        await self._execute(_RETRY_OUTBOX, (next_attempt_at, error, payout_id))
 
     async def dead_letter_outbox(self, payout_id: str, *, at: float, error: str) -> None:
-        await self._query(_DEAD_LETTER_OUTBOX, (at, error, payout_id), write=True)
+        await self._execute(_DEAD_LETTER_OUTBOX, (at, error, payout_id))
 
     async def requeue_outbox(self, payout_id: str, *, next_attempt_at: float) -> bool:
-        return bool(await self._query(_REQUEUE_OUTBOX, (next_attempt_at, payout_id), write=True))
+        return bool(await self._execute(_REQUEUE_OUTBOX, (next_attempt_at, payout_id)))
 
     async def count_dead_outbox(self) -> int:
         ((n,),) = await self._query(_COUNT_DEAD, write=False)
@@ -769,30 +957,24 @@ class SQLiteStorage:
         if limit <= 0:
             return 0
 
+        if dry_run:
+            return len(await self._query(_PRUNABLE, (before, limit), write=False))
+
         def op(db: sqlite3.Connection) -> int:
-            if dry_run:
-                return len(db.execute(_PRUNABLE, (before, limit)).fetchall())
-            db.execute("BEGIN IMMEDIATE")  # chosen and deleted under one write lock
-            try:
-                ids = db.execute(_PRUNABLE, (before, limit)).fetchall()
-                db.executemany("DELETE FROM outbox WHERE payout_id = ?", ids)
-                db.executemany("DELETE FROM payouts WHERE id = ?", ids)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            ids = db.execute(_PRUNABLE, (before, limit)).fetchall()  # chosen under the lock
+            db.executemany("DELETE FROM outbox WHERE payout_id = ?", ids)
+            db.executemany("DELETE FROM payouts WHERE id = ?", ids)
             return len(ids)
 
-        return await self._run(op, write=not dry_run)
+        return await self._write(op, atomic=True)
 
     # -- instance liveness ----------------------------------------------------------------------
 
     async def beat(self, instance_id: str, mark: float) -> None:
-        await self._query(_BEAT, (instance_id, mark), write=True)
+        await self._execute(_BEAT, (instance_id, mark))
 
     async def instances(self) -> dict[str, float]:
         return {str(i): float(m) for i, m in await self._query(_INSTANCES, write=False)}
 
     async def forget_instance(self, instance_id: str) -> None:
-        await self._query(_FORGET_INSTANCE, (instance_id,), write=True)
+        await self._execute(_FORGET_INSTANCE, (instance_id,))
