@@ -158,6 +158,23 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Label lookups take a lock and build a tuple each time; the children never change.
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_request(self, method: str, route: str, status: int, started: float) -> None:
+        """Count one answered request and its latency since ``started``
+        (``anyio.current_time()``)."""
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(method, route, str(status)),
+                self.latency.labels(method, route),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(anyio.current_time() - started)
+
     @property
     def client(self) -> PayoutClient | None:
         """The running client whose counters are exposed; None: ``resilient_payout_up`` is 0."""
@@ -216,6 +233,4 @@ class RequestMetrics:
         finally:
             # The router stores the matched route in the scope; its template keeps labels few.
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = str(scope.get("method", ""))
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.latency.labels(method, route).observe(anyio.current_time() - started)
+            self.metrics.observe_request(str(scope.get("method", "")), route, status, started)

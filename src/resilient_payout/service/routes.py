@@ -18,18 +18,21 @@ route                          what it does
 
 The app sees ``pending`` for every non-final status, else ``completed``, ``declined`` or
 ``failed``. Every route is a :class:`~._route.ProblemRoute`: its errors are problem+json in
-any app.
+any app. The first three are also :class:`HotPaths`, which ``create_app`` serves without
+FastAPI's stack in the plain case (same answers).
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at runtime,
-# and the webhook body's dependency is a local (its limit comes from the settings).
+# and some of them are locals.
 import re
-from collections.abc import Callable, Iterable
-from typing import Annotated, Any, Final
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -46,12 +49,12 @@ from .._errors import (
 from .._model import PayoutRequest
 from ..settings import ServiceSettings
 from ._route import ProblemRoute
-from .deps import capped_body, client_dependency, parse_transaction, prefer_wait, read_capped
+from .deps import client_dependency, parse_transaction, prefer_wait, read_capped
 from .metrics import Metrics
 from .problems import ProblemRaised, problem_docs
 from .schemas import Health, PartnerWebhook, Readiness, TransactionStatus, view
 
-__all__ = ["READY_TIMEOUT", "build_router"]
+__all__ = ["READY_TIMEOUT", "HotPaths", "PayoutRouter", "build_router"]
 
 _UUID_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -62,19 +65,53 @@ _PROBE_ID: Final = "readyz-probe"
 (whether such a payout exists does not matter)."""
 
 GetClient = Callable[[], PayoutClient]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
-def build_router(settings: ServiceSettings, metrics: Metrics, get_client: GetClient) -> APIRouter:
+@dataclass(frozen=True)
+class HotPaths:
+    """The busiest routes as plain request handlers, the very code their FastAPI endpoints run:
+    ``create_app`` calls them without FastAPI's routing, dependency solving and response
+    validation when its request is the plain case (app.py). Errors are raised, as from an
+    endpoint, for :func:`~.problems.problem_for`. Paths are the router's (no prefix)."""
+
+    submit: APIRoute
+    get: APIRoute
+    webhook: APIRoute
+    handle_submit: Handler
+    handle_get: Callable[[Request, str, float | None], Awaitable[Response]]
+    handle_webhook: Handler
+    max_wait: float
+
+
+class PayoutRouter(APIRouter):
+    """An ``APIRouter`` that also carries its :class:`HotPaths`."""
+
+    hot_paths: HotPaths | None = None
+
+
+def build_router(
+    settings: ServiceSettings, metrics: Metrics, get_client: GetClient
+) -> PayoutRouter:
     """The routes at the paths and with the limits of ``settings`` (``route_prefix`` is left to
     whoever includes the router); ``get_client()`` is the running client or raises
     :class:`~resilient_payout.ClientNotRunning`; the metrics route renders ``metrics``."""
-    router = APIRouter(route_class=ProblemRoute)
+    router = PayoutRouter(route_class=ProblemRoute)
     client_dep = Depends(client_dependency(get_client))
     gate = AdmissionGate(settings.max_inflight_submits, max_lag=settings.max_loop_lag)
     metrics.registry.register(_GateCollector(gate))
-    _add_submit(router, settings, get_client, gate)
-    _add_get(router, settings, get_client)
-    _add_webhook(router, settings, client_dep)
+    submit = _add_submit(router, settings, get_client, gate)
+    get = _add_get(router, settings, get_client)
+    webhook = _add_webhook(router, settings, get_client)
+    router.hot_paths = HotPaths(
+        submit=submit[0],
+        get=get[0],
+        webhook=webhook[0],
+        handle_submit=submit[1],
+        handle_get=get[1],
+        handle_webhook=webhook[1],
+        max_wait=settings.max_wait,
+    )
     if settings.health_path:
         _add_health(router, settings.health_path, client_dep)
     if settings.ready_path:
@@ -139,11 +176,57 @@ def _running_client(get_client: GetClient) -> PayoutClient | None:
         return None
 
 
+_JSON: Final = "application/json"
+_to_json: Final = TransactionStatus.__pydantic_serializer__.to_json
+
+
+def _answer(status: TransactionStatus) -> Response:
+    """``status`` as FastAPI would render it for ``response_model=TransactionStatus,
+    response_model_exclude_none=True``, byte for byte, without validating it once more."""
+    return Response(_to_json(status, exclude_none=True), media_type=_JSON)
+
+
+def _added_route(router: APIRouter) -> APIRoute:
+    route = router.routes[-1]
+    assert isinstance(route, APIRoute)
+    return route
+
+
 def _add_submit(
     router: APIRouter, settings: ServiceSettings, get_client: GetClient, gate: AdmissionGate
-) -> None:
+) -> tuple[APIRoute, Handler]:
     max_wait = settings.max_wait
     limit = settings.max_transaction_body
+
+    async def handle(request: Request) -> Response:
+        # The body is read here, not by a dependency, so that a refusal comes before it: a shed
+        # or draining answer costs no read, no parse and no storage call. Replays are shed too:
+        # telling one from a new submit takes the body and a read, the very work refused here,
+        # and a shed replay retried later gets its answer as before.
+        with gate.admit():
+            running = _running_client(get_client)
+            if running is not None and running.draining:
+                raise ShuttingDown("this instance is shutting down; retry (another takes it)")
+            body = parse_transaction(
+                await read_capped(request, limit), request.headers.get("content-type")
+            )
+            _check_policy(body, settings)
+            # After the body: a bad body is a 4xx even while the client is not running.
+            client = get_client()
+            payout = (await client.submit(body)).payout
+        # Out of the gate: a client waiting for its outcome holds no slot.
+        wait = prefer_wait(request.headers.getlist("prefer"))
+        applied: float | None = None
+        if wait is not None:
+            applied = min(wait, max_wait)
+            if not payout.is_final and applied > 0:
+                payout = await client.wait_final(payout.id, applied)
+        response = _answer(view(payout))
+        if applied is not None:
+            # After the content headers, where FastAPI put a header set on the response param.
+            value = f"wait={_format_seconds(applied)}".encode("latin-1")
+            response.headers.raw.append((b"preference-applied", value))
+        return response
 
     @router.post(
         settings.transaction_path,
@@ -172,7 +255,6 @@ def _add_submit(
     )
     async def submit_transaction(
         request: Request,
-        response: Response,
         prefer: str | None = Header(
             default=None,
             alias="Prefer",
@@ -183,34 +265,25 @@ def _add_submit(
             ),
             examples=["wait=5"],
         ),
-    ) -> TransactionStatus:
-        # The body is read here, not by a dependency, so that a refusal comes before it: a shed
-        # or draining answer costs no read, no parse and no storage call. Replays are shed too:
-        # telling one from a new submit takes the body and a read, the very work refused here,
-        # and a shed replay retried later gets its answer as before.
-        with gate.admit():
-            running = _running_client(get_client)
-            if running is not None and running.draining:
-                raise ShuttingDown("this instance is shutting down; retry (another takes it)")
-            body = parse_transaction(
-                await read_capped(request, limit), request.headers.get("content-type")
-            )
-            _check_policy(body, settings)
-            # After the body: a bad body is a 4xx even while the client is not running.
-            client = get_client()
-            payout = (await client.submit(body)).payout
-        # Out of the gate: a client waiting for its outcome holds no slot.
-        wait = prefer_wait(request.headers.getlist("prefer"))
-        if wait is not None:
-            applied = min(wait, max_wait)
-            response.headers["Preference-Applied"] = f"wait={_format_seconds(applied)}"
-            if not payout.is_final and applied > 0:
-                payout = await client.wait_final(payout.id, applied)
-        return view(payout)
+    ) -> Response:
+        del prefer  # declared for the OpenAPI document; every Prefer header is read instead
+        return await handle(request)
+
+    return _added_route(router), handle
 
 
-def _add_get(router: APIRouter, settings: ServiceSettings, get_client: GetClient) -> None:
+def _add_get(
+    router: APIRouter, settings: ServiceSettings, get_client: GetClient
+) -> tuple[APIRoute, Callable[[Request, str, float | None], Awaitable[Response]]]:
     expose = settings.expose_partner_ref
+
+    async def handle(request: Request, payout_id: str, wait: float | None) -> Response:
+        # Not a dependency: FastAPI runs those before it validates `wait`, and a bad `wait` must
+        # stay a 422 while the client is not running.
+        client = get_client()
+        if wait:
+            return _answer(view(await client.wait_final(payout_id, wait), partner_ref=expose))
+        return _answer(view(await client.get(payout_id), partner_ref=expose))
 
     @router.get(
         settings.transaction_path + "/{payout_id}",
@@ -233,17 +306,32 @@ def _add_get(router: APIRouter, settings: ServiceSettings, get_client: GetClient
             allow_inf_nan=False,
             description="Seconds to wait for a final status (long poll); answers at once if final",
         ),
-    ) -> TransactionStatus:
-        # Not a dependency: FastAPI runs those before it validates `wait`, and a bad `wait` must
-        # stay a 422 while the client is not running.
+    ) -> Response:
+        return await handle(request, payout_id, wait)
+
+    return _added_route(router), handle
+
+
+def _add_webhook(
+    router: APIRouter, settings: ServiceSettings, get_client: GetClient
+) -> tuple[APIRoute, Handler]:
+    limit = settings.max_webhook_body
+
+    async def handle(request: Request) -> Response:
+        # Before the client: an oversized body is a 413 even while the client is not running.
+        body = await read_capped(request, limit)
         client = get_client()
-        if wait:
-            return view(await client.wait_final(payout_id, wait), partner_ref=expose)
-        return view(await client.get(payout_id), partner_ref=expose)
-
-
-def _add_webhook(router: APIRouter, settings: ServiceSettings, client_dep: Any) -> None:
-    body_dep = Depends(capped_body(settings.max_webhook_body))
+        try:
+            # The client checks authenticity first, over the raw bytes and the headers, and
+            # counts rejections: an unsigned sender learns nothing about the body it sent.
+            payout = await client.handle_webhook(body, request.headers)
+        except InvalidWebhook as exc:
+            if isinstance(exc.__cause__, ValueError):  # parse_webhook: not JSON at all
+                raise ProblemRaised(
+                    400, "malformed-json", "Malformed JSON", "the webhook body is not valid JSON"
+                ) from None
+            raise
+        return _answer(view(payout))
 
     @router.post(
         settings.webhook_path,
@@ -262,23 +350,11 @@ def _add_webhook(router: APIRouter, settings: ServiceSettings, client_dep: Any) 
             }
         },
     )
-    async def partner_webhook(
-        request: Request,
-        # Before the client's: an oversized body is a 413 even while the client is not running.
-        body: Annotated[bytes, body_dep],
-        client: Annotated[PayoutClient, client_dep],
-    ) -> TransactionStatus:
-        try:
-            # The client checks authenticity first, over the raw bytes and the headers, and
-            # counts rejections: an unsigned sender learns nothing about the body it sent.
-            payout = await client.handle_webhook(body, request.headers)
-        except InvalidWebhook as exc:
-            if isinstance(exc.__cause__, ValueError):  # parse_webhook: not JSON at all
-                raise ProblemRaised(
-                    400, "malformed-json", "Malformed JSON", "the webhook body is not valid JSON"
-                ) from None
-            raise
-        return view(payout)
+    async def partner_webhook(request: Request) -> Response:
+        # No dependencies: the body and the client are taken in `handle`, in that order.
+        return await handle(request)
+
+    return _added_route(router), handle
 
 
 def _add_health(router: APIRouter, path: str, client_dep: Any) -> None:
