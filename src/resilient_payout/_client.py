@@ -292,6 +292,7 @@ class PayoutClient:
         # Its claims too (checks, pushes): else they wait out their leases, up to `lease`.
         with self.guard(self.instance_id, "releasing the leases of an earlier run"):
             released = await self.storage.release_leases(self.instance_id, self.clock.now())
+            self.stats.leases_released += released
             if released:
                 log.warning("instance %s restarted: released %d leases", self.instance_id, released)
 

@@ -36,6 +36,9 @@ class ClientStats:
     takeovers: int = 0
     """Payouts recovered at once from an instance that died (restarted under the same name, or
     silent past ``takeover_after``): ``owner_gone`` in their audit trail."""
+    leases_released: int = 0
+    """Leases of a gone instance (this one's earlier run under the same name, or a silent one)
+    that this client ended at once instead of waiting them out (``Storage.release_leases``)."""
     handed_over: int = 0
     """Payouts and claims this client handed over when a drain ended (cut-short POSTs, leases)."""
     drains_cut_short: int = 0

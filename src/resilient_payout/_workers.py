@@ -329,7 +329,7 @@ class Liveness:
                     client.stats.takeovers += 1
             now = client.clock.now()
             released = await client.storage.release_leases(instance, now, outbox=False)
-            client.stats.takeovers += released
+            client.stats.leases_released += released
             self._taken.add(instance)
 
     async def _release_pushes(self, instance: str) -> None:
@@ -342,7 +342,7 @@ class Liveness:
             if instance not in self._taken:
                 await self._take_over(instance)  # we first saw it late: both at once
             released = await client.storage.release_leases(instance, client.clock.now())
-            client.stats.takeovers += released
+            client.stats.leases_released += released
             await client.storage.forget_instance(instance)
             self._seen.pop(instance, None)
             self._taken.discard(instance)

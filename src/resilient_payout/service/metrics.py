@@ -54,6 +54,7 @@ _STATS_HELP: Final[Mapping[str, str]] = {
     "resubmissions": "Second attempts after confirmed absence",
     "recovered_orphans": "Submits orphaned by a crash, recovered as unknown",
     "takeovers": "Payouts recovered at once from an instance that restarted or went silent",
+    "leases_released": "Leases of a restarted or silent instance released instead of waited out",
     "handed_over": "Cut-short POSTs and claims handed over when a drain ended",
     "drains_cut_short": "Drains that reached drain_timeout with work still running",
     "conflicts": "Reports that disagreed with a final status (never applied)",
