@@ -384,6 +384,29 @@ _GROUP_MAX = 32
 Write = Callable[[sqlite3.Connection], T]
 
 
+class _Backoff:
+    """The waits between tries while another connection holds the write lock: doubling from
+    ``_FIRST_BACKOFF`` to ``_MAX_BACKOFF``, for ``timeout`` seconds from the first refusal."""
+
+    __slots__ = ("_deadline", "_delay", "_timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._deadline: float | None = None
+        self._delay = _FIRST_BACKOFF
+
+    async def wait(self) -> bool:
+        """Sleep before the next try; False (at once) once ``timeout`` has run out."""
+        now = anyio.current_time()
+        if self._deadline is None:
+            self._deadline = now + self._timeout
+        if now >= self._deadline:
+            return False
+        await anyio.sleep(min(self._delay, self._deadline - now))
+        self._delay = min(self._delay * 2, _MAX_BACKOFF)
+        return True
+
+
 class _Pending:
     """A write waiting for the commit of its group; then its outcome."""
 
@@ -631,8 +654,7 @@ class SQLiteStorage:
     async def _run(self, op: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
         """``op(connection)`` on this thread, retried with backoff while another connection
         holds the write lock. ``op`` must leave no transaction open, whatever happens."""
-        deadline: float | None = None
-        backoff = _FIRST_BACKOFF
+        backoff = _Backoff(self._busy_timeout)
         while True:
             db = self._conn()
             try:
@@ -640,15 +662,8 @@ class SQLiteStorage:
             except sqlite3.Error as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                if not _is_busy(exc):
+                if not _is_busy(exc) or not await backoff.wait():
                     raise _translated(exc) from exc
-                now = anyio.current_time()
-                if deadline is None:
-                    deadline = now + self._busy_timeout
-                if now >= deadline:
-                    raise _translated(exc) from exc
-                await anyio.sleep(min(backoff, deadline - now))
-                backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue
             if write:
                 self._wrote(1)
@@ -715,27 +730,20 @@ class SQLiteStorage:
         """Commit the queue, group by group, until ``mine`` is settled; back off while another
         connection holds the write lock, as :meth:`_run` does."""
         await anyio.lowlevel.checkpoint()  # the writes made in this tick of the loop join
-        deadline: float | None = None
-        backoff = _FIRST_BACKOFF
+        backoff = _Backoff(self._busy_timeout)
         while not mine.done:
             db = self._conn()
             group = list(itertools.islice(self._queue, _GROUP_MAX))
             try:
                 outcomes = self._commit_group(db, group)
             except sqlite3.Error as exc:
-                if _is_busy(exc):
-                    now = anyio.current_time()
-                    if deadline is None:
-                        deadline = now + self._busy_timeout
-                    if now < deadline:
-                        await anyio.sleep(min(backoff, deadline - now))
-                        backoff = min(backoff * 2, _MAX_BACKOFF)
-                        continue
+                if _is_busy(exc) and await backoff.wait():
+                    continue
                 # Nothing of the group was written: each of its callers learns why.
                 outcomes = [(None, _raised(exc)) for _ in group]
             else:
                 self._wrote(len(group))
-            deadline, backoff = None, _FIRST_BACKOFF
+            backoff = _Backoff(self._busy_timeout)  # each group gets the whole busy_timeout
             for item, (value, error) in zip(group, outcomes, strict=True):
                 self._queue.popleft()  # the group is the queue's head: nothing ran meanwhile
                 item.settle(value, error)
@@ -825,13 +833,13 @@ class SQLiteStorage:
             raise PartnerReferenceTaken(payout.partner_ref, rows[0][0] if rows else None) from None
 
     async def get(self, payout_id: str) -> Payout | None:
-        rows = await self._query(_GET, (payout_id,), write=False)
+        rows = await self._query(_GET, (payout_id,))
         return decode_payout(*rows[0]) if rows else None
 
-    async def _query(self, sql: str, params: Sequence[Any] = (), *, write: bool) -> list[Any]:
-        """One statement in autocommit mode (atomic by itself); its rows. Reads never join a
-        group: they see committed data only (see :meth:`_commit_group`)."""
-        return await self._run(lambda db: db.execute(sql, params).fetchall(), write=write)
+    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """One reading statement in autocommit mode; its rows. Reads never join a group: they
+        see committed data only (see :meth:`_commit_group`)."""
+        return await self._run(lambda db: db.execute(sql, params).fetchall(), write=False)
 
     async def _execute(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """One writing statement (atomic by itself); its rows, once committed."""
@@ -880,7 +888,7 @@ class SQLiteStorage:
         return [decode_payout(version, doc) for version, doc, _, _ in rows]
 
     async def next_due_at(self) -> float | None:
-        rows = await self._query(_NEXT_DUE, _FINAL, write=False)
+        rows = await self._query(_NEXT_DUE, _FINAL)
         return float(rows[0][0]) if rows else None
 
     async def claim_outbox(
@@ -921,35 +929,35 @@ class SQLiteStorage:
         return bool(await self._execute(_REQUEUE_OUTBOX, (next_attempt_at, payout_id)))
 
     async def count_dead_outbox(self) -> int:
-        ((n,),) = await self._query(_COUNT_DEAD, write=False)
+        ((n,),) = await self._query(_COUNT_DEAD)
         return int(n)
 
     async def get_outbox(self, payout_id: str) -> OutboxEntry | None:
-        rows = await self._query(_GET_OUTBOX, (payout_id,), write=False)
+        rows = await self._query(_GET_OUTBOX, (payout_id,))
         return decode_outbox(*rows[0]) if rows else None
 
     async def count_by_status(self) -> dict[PayoutStatus, int]:
         counts = dict.fromkeys(PayoutStatus, 0)
-        for status, n in await self._query(_COUNT, write=False):
+        for status, n in await self._query(_COUNT):
             counts[PayoutStatus(status)] = n
         return counts
 
     # -- operators -------------------------------------------------------------------------------
 
     async def get_by_partner_ref(self, partner_ref: str) -> Payout | None:
-        rows = await self._query(_GET_BY_REF, (partner_ref,), write=False)
+        rows = await self._query(_GET_BY_REF, (partner_ref,))
         return decode_payout(*rows[0]) if rows else None
 
     async def list_payouts(self, query: PayoutQuery) -> PayoutPage:
         sql, params = listing_sql(query, _LISTING)
-        rows = await self._query(sql, params, write=False)
+        rows = await self._query(sql, params)
         return page_of((decode_payout(version, doc) for version, doc, _, _ in rows), query.limit)
 
     async def ops_snapshot(
         self, now: float, *, late_after: float, failing_after: float
     ) -> OpsSnapshot:
         ((*oldest, late, conflicts, failing, dead),) = await self._query(
-            _OPS, (now - late_after, now - failing_after), write=False
+            _OPS, (now - late_after, now - failing_after)
         )
         return OpsSnapshot.of(now, oldest, late, conflicts, failing, dead)
 
@@ -958,7 +966,7 @@ class SQLiteStorage:
             return 0
 
         if dry_run:
-            return len(await self._query(_PRUNABLE, (before, limit), write=False))
+            return len(await self._query(_PRUNABLE, (before, limit)))
 
         def op(db: sqlite3.Connection) -> int:
             ids = db.execute(_PRUNABLE, (before, limit)).fetchall()  # chosen under the lock
@@ -974,7 +982,7 @@ class SQLiteStorage:
         await self._execute(_BEAT, (instance_id, mark))
 
     async def instances(self) -> dict[str, float]:
-        return {str(i): float(m) for i, m in await self._query(_INSTANCES, write=False)}
+        return {str(i): float(m) for i, m in await self._query(_INSTANCES)}
 
     async def forget_instance(self, instance_id: str) -> None:
         await self._execute(_FORGET_INSTANCE, (instance_id,))
