@@ -3,7 +3,7 @@ the same in a host app that never installed our exception handlers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
@@ -11,7 +11,19 @@ from fastapi.routing import APIRoute
 
 from .problems import problem_for
 
-__all__ = ["ProblemRoute"]
+__all__ = ["ProblemRoute", "answered"]
+
+
+async def answered(handler: Callable[[Request], Awaitable[Response]], request: Request) -> Response:
+    """``handler``'s answer, or the problem+json answer of the error it raised; anything
+    :func:`~resilient_payout.service.problems.problem_for` does not know (a bug) is re-raised."""
+    try:
+        return await handler(request)
+    except Exception as exc:
+        response = await problem_for(request, exc)
+        if response is None:
+            raise
+        return response
 
 
 class ProblemRoute(APIRoute):
@@ -26,12 +38,6 @@ class ProblemRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Exception as exc:
-                response = await problem_for(request, exc)
-                if response is None:
-                    raise
-                return response
+            return await answered(handler, request)
 
         return handle

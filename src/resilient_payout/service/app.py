@@ -17,9 +17,10 @@ from starlette.types import Receive, Scope, Send
 from .._version import __version__
 from ..settings import ServiceSettings
 from ..wiring import ClientFactory
+from ._route import answered
 from ._service import PayoutService
 from .metrics import Metrics, RequestMetrics
-from .problems import add_problem_handlers, problem_for, use_problem_json
+from .problems import add_problem_handlers, use_problem_json
 from .routes import HotPaths, PayoutRouter
 
 __all__ = ["create_app"]
@@ -107,13 +108,10 @@ class _FastPaths:
         request = Request(scope, r, s)
         try:
             try:
-                response = await handler(request)
+                response = await answered(handler, request)
             except Exception as exc:
-                problem = await problem_for(request, exc)
-                if problem is None:
-                    await self._bug(request, exc, scope, r, s)
-                    raise
-                response = problem
+                await self._bug(request, exc, scope, r, s)
+                raise
             status = response.status_code
             await response(scope, r, s)
         finally:
